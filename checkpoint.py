@@ -1,0 +1,180 @@
+"""Checkpoints: HF folders for using the model, full training state for resuming. Both atomic.
+
+    ckpt_output_dir/hf_format/samples_N/    safetensors, config, tokenizer, chat template (+ adapter/ for LoRA)
+    ckpt_output_dir/full_state/step_N/      model + optimizer (torch distributed checkpoint, sharded per rank),
+                                            per-rank RNG, trainer_state.json; COMPLETE is written last
+Everything is written under a temp name and renamed, so a save killed half-way never looks complete.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
+    set_state_dict
+
+from config import ConfigError
+
+# Keys whose change makes a saved state meaningless for this run.
+FINGERPRINT_KEYS = ("model_path", "max_seq_len", "effective_batch_size", "random_seed", "mock_data", "lora",
+                    "distributed_backend", "chat_tmpl_path")
+KEEP_FULL_STATES = 2
+MARKER = "COMPLETE"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _replace_dir(tmp: Path, final: Path):
+    """Swap a finished temp folder into place; an older folder of that name goes only once the new one is in."""
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_free_space(path: Path, needed_bytes: int):
+    path.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes * 1.1:
+        raise ConfigError(f"not enough disk space in {path} for a checkpoint: {free / 2**30:.1f} GiB free, about "
+                          f"{needed_bytes / 2**30:.1f} GiB needed; free space or point ckpt_output_dir elsewhere")
+
+
+def _model_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) * max(1, dist.get_world_size()
+                                                                                if dist.is_initialized() else 1)
+
+
+def save_hf(model, tokenizer, out_dir: str, name: str):
+    """A complete HF folder loadable by AutoModelForCausalLM; LoRA runs also get adapter/ and a merged model."""
+    final = Path(out_dir) / "hf_format" / name
+    if _rank() == 0:
+        check_free_space(final.parent, _model_bytes(model) * 2)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank() == 0:
+        state = {k.removeprefix("lm."): v for k, v in state.items()}
+        tmp = final.with_name(f".{name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm = model.lm if hasattr(model, "lm") else model.module.lm
+        plain = _cpu_copy(lm, state)
+        if hasattr(plain, "peft_config"):
+            plain.save_pretrained(tmp / "adapter")
+            plain = plain.merge_and_unload()
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, final)
+    _barrier()
+    return final
+
+
+def _cpu_copy(lm, state: dict):
+    """A CPU model (peft-wrapped for LoRA) of the same architecture holding the given full state dict."""
+    from transformers import AutoModelForCausalLM
+    is_peft = hasattr(lm, "peft_config")
+    base_config = copy.deepcopy((lm.get_base_model() if is_peft else lm).config)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(base_config, dtype=next(iter(state.values())).dtype)
+    if is_peft:
+        from peft import get_peft_model
+        plain = get_peft_model(plain, copy.deepcopy(lm.peft_config["default"]))
+    plain.load_state_dict(state, assign=True, strict=False)
+    plain.tie_weights()
+    missing = [k for k, p in plain.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"checkpoint state is missing {missing[:3]}")
+    plain.generation_config = copy.deepcopy(lm.generation_config)
+    return plain
+
+
+def fingerprint(cfg, data_meta: dict) -> dict:
+    keys = {k: (vars(getattr(cfg, k)) if hasattr(getattr(cfg, k), "__dict__") else getattr(cfg, k))
+            for k in FINGERPRINT_KEYS}
+    keys["data_sha256"] = data_meta.get("source_sha256")
+    return json.loads(json.dumps(keys))
+
+
+def save_full_state(model, optimizer, scheduler, out_dir: str, trainer_state: dict):
+    root = Path(out_dir) / "full_state"
+    name = f"step_{trainer_state['global_step']:08d}"
+    tmp, final = root / f".{name}.tmp", root / name
+    if _rank() == 0:
+        check_free_space(root, _model_bytes(model) * 3)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "scheduler": scheduler.state_dict()}))
+        (tmp / MARKER).write_text("ok")
+        _replace_dir(tmp, final)
+        for old in sorted(root.glob("step_*"))[:-KEEP_FULL_STATES]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def find_resume(resume, out_dir: str) -> Path | None:
+    """The full state to resume from: `auto` = newest complete one, a path, or none."""
+    if resume in (False, None, "false", "no", ""):
+        return None
+    if resume not in (True, "auto"):
+        path = Path(resume)
+        if not (path / MARKER).exists():
+            raise ConfigError(f"resume: '{resume}' is not a complete full-state checkpoint (no {MARKER} file); "
+                              f"use resume=auto or a folder under {out_dir}/full_state")
+        return path
+    root = Path(out_dir) / "full_state"
+    if _rank() == 0 and root.exists():
+        for stale in root.glob(".*.tmp"):  # a save that was killed half-way
+            shutil.rmtree(stale, ignore_errors=True)
+    done = sorted(p for p in root.glob("step_*") if (p / MARKER).exists()) if root.exists() else []
+    return done[-1] if done else None
+
+
+def load_full_state(path: Path, model, optimizer, scheduler, expected_fingerprint: dict) -> dict:
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved = state.get("fingerprint", {})
+    differ = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in expected_fingerprint.items() if saved.get(k) != v]
+    if differ:
+        raise ConfigError(f"cannot resume from {path}: " + "; ".join(differ) +
+                          ". Use the original settings, a new ckpt_output_dir, or resume=false to start fresh")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    scheduler.load_state_dict(state.pop("scheduler"))
+    rng_file = path / f"rng_rank{_rank()}.pt"
+    if rng_file.exists():  # absent when resuming on more ranks than saved
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

