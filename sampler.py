@@ -2,7 +2,8 @@
 
 An epoch is a seeded permutation cut into optimizer steps of exactly `effective_batch_size` samples (the last
 step takes the remainder). Each step's samples are packed longest-first onto the least-loaded of
-`world_size * micro_steps` bins of `max_batch_len` tokens, with as few micro-steps as fit. The plan depends only
+`world_size * micro_steps` bins of `max_batch_len` tokens (first-fit when that overflows), with as few
+micro-steps as fit. The plan depends only
 on (seed, epoch), so a resumed run re-plans the epoch and skips the steps it already took.
 
 To try another sampler, replace `plan_epoch` with any function of the same signature returning the same shape.
@@ -44,7 +45,13 @@ def check_lengths(lengths: np.ndarray, max_batch_len: int):
 def pack_step(idx: np.ndarray, lengths: np.ndarray, max_batch_len: int, world_size: int) -> list[list[np.ndarray]]:
     by_length = idx[np.argsort(-lengths[idx], kind="stable")]
     micro_steps = max(1, math.ceil(int(lengths[idx].sum()) / (world_size * max_batch_len)))
-    while (bins := _longest_first(by_length, lengths, micro_steps * world_size, max_batch_len)) is None:
+    while True:
+        num_bins = micro_steps * world_size
+        # balanced first; if that overflows a bin, the tighter first-fit before paying for another micro-step
+        bins = _longest_first(by_length, lengths, num_bins, max_batch_len) or \
+            _first_fit(by_length, lengths, num_bins, max_batch_len)
+        if bins:
+            break
         micro_steps += 1
     bins.sort(key=lambda b: -b[0])  # similar loads share a micro-step, so no rank waits long on another
     plan = []
@@ -67,6 +74,19 @@ def _longest_first(by_length: np.ndarray, lengths: np.ndarray, num_bins: int, ca
         loads[b] = load + n
         heapq.heappush(heap, (load + n, b))
     return [(loads[b], members[b]) for b in range(num_bins)]
+
+
+def _first_fit(by_length: np.ndarray, lengths: np.ndarray, num_bins: int, capacity: int):
+    """Each sample into the first bin with room; None when some sample fits nowhere."""
+    members: list[list[int]] = [[] for _ in range(num_bins)]
+    loads = np.zeros(num_bins, dtype=np.int64)
+    for i, n in zip(by_length.tolist(), lengths[by_length].tolist()):
+        fits = np.flatnonzero(loads + n <= capacity)
+        if not len(fits):
+            return None
+        members[fits[0]].append(i)
+        loads[fits[0]] += n
+    return [(int(loads[b]), members[b]) for b in range(num_bins)]
 
 
 def packing_efficiency(steps: list[dict], lengths: np.ndarray, max_batch_len: int, world_size: int) -> float:

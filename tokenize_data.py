@@ -83,11 +83,12 @@ def render(sample: dict) -> tuple[str, list[tuple[int, int]]]:
 
 
 def label_tokens(ids: list[int], offsets: list[tuple[int, int]], text: str, spans) -> np.ndarray:
-    """Labels for one sample: tokens starting inside a span, plus the special token that ends each span."""
+    """Labels for one sample: tokens overlapping a span, plus the special token that ends each span."""
     starts = np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
+    ends = np.fromiter((e for _, e in offsets), dtype=np.int64, count=len(offsets))
     trained = np.zeros(len(ids), dtype=bool)
     for s, e in spans:
-        trained |= (starts >= s) & (starts < e)
+        trained |= (ends > s) & (starts < e)  # overlap: a token may carry the space before the content
         t = int(np.searchsorted(starts, e))
         while t < len(ids) and ids[t] not in _worker["special"] and not text[offsets[t][0]:offsets[t][1]].strip():
             t += 1  # skip whitespace the template puts before the end-of-turn token

@@ -1,0 +1,266 @@
+"""MT-Bench-style single-answer grading: the model answers two-turn questions, a judge model grades each turn 1-10.
+
+    python -m eval.mt_bench --model-endpoint http://127.0.0.1:8000/v1 --judge-endpoint http://127.0.0.1:8001/v1 \
+        --question-file mt_bench/question.jsonl --reference-answers mt_bench/reference_answer_gpt-4.jsonl
+    python -m eval.mt_bench --model-endpoint URL --base-endpoint URL --judge-endpoint URL --taxonomy taxonomy/
+
+Both endpoints are OpenAI-compatible chat servers (`python -m serve`). Judgments without a parsable [[N]] are
+counted, not guessed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from statistics import mean
+
+import yaml
+
+from config import ConfigError, exit_on_error
+from eval import report
+
+DEFAULT_JUDGE_PROMPTS = Path(__file__).with_name("judge_prompts.yaml")
+PROMPT_NAMES = ("single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn")
+REFERENCE_CATEGORIES = ("math", "reasoning", "coding")  # graded against a reference answer, as in MT-Bench
+RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eval.mt_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model-endpoint", required=True, help="OpenAI-compatible base URL of the model under test")
+    p.add_argument("--judge-endpoint", required=True, help="OpenAI-compatible base URL of the judge model")
+    p.add_argument("--base-endpoint", help="also answer with this (base) model and compare")
+    p.add_argument("--question-file", help="MT-Bench question.jsonl (question_id, category, turns[, reference])")
+    p.add_argument("--taxonomy", help="taxonomy folder: seed examples become reference-graded questions")
+    p.add_argument("--reference-answers", help="MT-Bench reference answer JSONL (question_id, choices[0].turns)")
+    p.add_argument("--judge-prompts", help=f"judge prompts, JSONL as MT-Bench ships or YAML (default {DEFAULT_JUDGE_PROMPTS.name})")
+    p.add_argument("--limit", type=int, help="first N questions only")
+    p.add_argument("--max-tokens", type=int, default=1024, help="per answer turn")
+    p.add_argument("--judge-max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--output", help="JSON result with every answer and judgment; markdown table next to it (.md)")
+    p.add_argument("--plot", help="PNG chart of per-category scores")
+    args = p.parse_args(argv)
+    if not (args.question_file or args.taxonomy):
+        raise ConfigError("give --question-file FILE (MT-Bench question.jsonl) or --taxonomy DIR")
+    if (args.limit is not None and args.limit < 1) or args.max_tokens < 1 or args.judge_max_tokens < 1:
+        raise ConfigError("--limit, --max-tokens and --judge-max-tokens must be >= 1")
+    return args
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"file '{path}' not found")
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}:{i}: invalid JSON ({e.msg}); each line must be one JSON object") from None
+                if not isinstance(rows[-1], dict):
+                    raise ConfigError(f"{path}:{i}: expected a JSON object")
+    return rows
+
+
+def load_questions(path: str, reference_path: str | None) -> list[dict]:
+    references = {}
+    if reference_path:
+        for i, row in enumerate(read_jsonl(reference_path), 1):
+            try:
+                references[row["question_id"]] = row["choices"][0]["turns"]
+            except (KeyError, IndexError, TypeError):
+                raise ConfigError(f"{reference_path}: entry {i} needs question_id and choices[0].turns") from None
+    questions = []
+    for i, row in enumerate(read_jsonl(path), 1):
+        turns = row.get("turns")
+        if "question_id" not in row or not isinstance(turns, list) or not 1 <= len(turns) <= 2 \
+                or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise ConfigError(f"{path}: question {i} needs 'question_id' and 'turns' (a list of 1 or 2 non-empty strings)")
+        reference = row.get("reference") or references.get(row["question_id"])
+        category = row.get("category", "general")
+        if category in REFERENCE_CATEGORIES and not reference:
+            raise ConfigError(f"{path}: question {row['question_id']} ({category}) needs a reference answer; "
+                              "pass --reference-answers FILE or add a 'reference' list to the question")
+        questions.append({"question_id": row["question_id"], "category": category, "turns": turns,
+                          "reference": reference})
+    if not questions:
+        raise ConfigError(f"{path} holds no questions")
+    return questions
+
+
+def taxonomy_questions(taxonomy_dir: str) -> list[dict]:
+    from eval.taxonomy import read_leaves
+
+    questions = []
+    for leaf in read_leaves(taxonomy_dir):
+        for i, qa in enumerate(leaf["qa"], 1):
+            context = f"{qa['context'].strip()}\n\n" if isinstance(qa["context"], str) and qa["context"].strip() else ""
+            questions.append({"question_id": f"{leaf['name']}/{i}", "category": leaf["name"],
+                              "turns": [context + qa["question"]], "reference": [qa["answer"]]})
+    return questions
+
+
+def load_judge_prompts(path: str | None) -> dict[str, dict]:
+    path = path or str(DEFAULT_JUDGE_PROMPTS)
+    if path.endswith((".yaml", ".yml")):
+        if not os.path.isfile(path):
+            raise ConfigError(f"file '{path}' not found")
+        try:
+            prompts = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    else:
+        prompts = {row.get("name"): row for row in read_jsonl(path)}
+    missing = [n for n in PROMPT_NAMES if not isinstance(prompts, dict) or not isinstance(prompts.get(n), dict)
+               or not {"system_prompt", "prompt_template"} <= set(prompts[n])]
+    if missing:
+        raise ConfigError(f"{path}: missing judge prompt(s) {', '.join(missing)} "
+                          "(each needs system_prompt and prompt_template)")
+    return prompts
+
+
+def parse_rating(judgment: str) -> float | None:
+    """The first [[N]] with 1 <= N <= 10; None when the judge gave none (counted as unparsable)."""
+    match = RATING.search(judgment or "")
+    if match and 1 <= float(match.group(1)) <= 10:
+        return float(match.group(1))
+    return None
+
+
+def connect(base_url: str, timeout: float):
+    """An OpenAI client plus the served model's id; a clear error when nothing answers there."""
+    import openai
+
+    api_key = os.environ.get("MINILAB_API_KEY") or os.environ.get("OPENAI_API_KEY") or "unused"
+    client = openai.OpenAI(base_url=base_url.rstrip("/"), api_key=api_key, timeout=timeout, max_retries=1)
+    try:
+        models = client.models.list().data
+    except openai.APIError as e:
+        raise ConfigError(f"endpoint {base_url} did not answer ({e}); is the server running? "
+                          "(start one with: python -m serve)") from None
+    if not models:
+        raise ConfigError(f"endpoint {base_url} serves no model")
+    return client, models[0].id
+
+
+def chat(endpoint, messages: list[dict], max_tokens: int, temperature: float) -> str:
+    import openai
+
+    client, model = endpoint
+    try:
+        response = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                  temperature=temperature)
+    except openai.APIError as e:
+        raise ConfigError(f"request to {client.base_url} failed: {e}") from None
+    return response.choices[0].message.content or ""
+
+
+def answer(endpoint, question: dict, args) -> list[str]:
+    messages, answers = [], []
+    for turn in question["turns"]:
+        messages.append({"role": "user", "content": turn})
+        answers.append(chat(endpoint, messages, args.max_tokens, args.temperature))
+        messages.append({"role": "assistant", "content": answers[-1]})
+    return answers
+
+
+def judge(judge_endpoint, prompts: dict, question: dict, answers: list[str], args) -> list[dict]:
+    reference = question["reference"] or []
+    fields = {"question": question["turns"][0], "answer": answers[0], "question_1": question["turns"][0],
+              "answer_1": answers[0], "ref_answer_1": reference[0] if reference else ""}
+    if len(answers) == 2:
+        fields.update(question_2=question["turns"][1], answer_2=answers[1],
+                      ref_answer_2=reference[1] if len(reference) > 1 else "")
+    names = ["single-math-v1" if reference else "single-v1"]
+    if len(answers) == 2:
+        names.append(names[0] + "-multi-turn")
+    judgments = []
+    for turn, name in enumerate(names, 1):
+        prompt = prompts[name]
+        try:
+            user = prompt["prompt_template"].format(**fields)
+        except (KeyError, IndexError) as e:
+            raise ConfigError(f"judge prompt '{name}' uses an unknown placeholder {e}") from None
+        messages = [{"role": "system", "content": prompt["system_prompt"]}, {"role": "user", "content": user}]
+        text = chat(judge_endpoint, messages, args.judge_max_tokens, 0.0)
+        judgments.append({"turn": turn, "prompt": name, "judgment": text, "rating": parse_rating(text)})
+    return judgments
+
+
+def run_model(endpoint, judge_endpoint, prompts, questions, args, label: str) -> dict:
+    records = []
+    for i, question in enumerate(questions, 1):
+        answers = answer(endpoint, question, args)
+        records.append({**question, "answers": answers, "judgments": judge(judge_endpoint, prompts, question, answers, args)})
+        print(f"[{label}] {i}/{len(questions)} {question['question_id']}: "
+              f"{[j['rating'] for j in records[-1]['judgments']]}", flush=True)
+    return {"model": endpoint[1], **summarize(records), "records": records}
+
+
+def summarize(records: list[dict]) -> dict:
+    judgments = [(r["category"], j) for r in records for j in r["judgments"]]
+    rated = [(category, j) for category, j in judgments if j["rating"] is not None]
+
+    def avg(values):
+        return mean(values) if values else None
+
+    categories = dict.fromkeys(r["category"] for r in records)
+    return {
+        "turn_1": avg([j["rating"] for _, j in rated if j["turn"] == 1]),
+        "turn_2": avg([j["rating"] for _, j in rated if j["turn"] == 2]),
+        "overall": avg([j["rating"] for _, j in rated]),
+        "judgments": len(judgments),
+        "unparsable": len(judgments) - len(rated),
+        "unparsable_rate": (len(judgments) - len(rated)) / len(judgments),
+        "categories": {c: avg([j["rating"] for cat, j in rated if cat == c]) for c in categories},
+    }
+
+
+def scored(result: dict) -> dict[str, float]:
+    """Category and turn scores that have at least one parsable rating (table and chart rows)."""
+    rows = {**result["categories"], "turn 1": result["turn_1"], "turn 2": result["turn_2"]}
+    return {name: value for name, value in rows.items() if value is not None}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    questions = taxonomy_questions(args.taxonomy) if args.taxonomy else \
+        load_questions(args.question_file, args.reference_answers)
+    questions = questions[: args.limit]
+    prompts = load_judge_prompts(args.judge_prompts)
+    model = connect(args.model_endpoint, args.timeout)
+    judge_endpoint = connect(args.judge_endpoint, args.timeout)
+    base_endpoint = connect(args.base_endpoint, args.timeout) if args.base_endpoint else None
+    result = run_model(model, judge_endpoint, prompts, questions, args, "candidate")
+    result["judge"] = judge_endpoint[1]
+    table = report.scores_table(scored(result), result["overall"], "category", digits=2)
+    if base_endpoint:
+        result["base"] = run_model(base_endpoint, judge_endpoint, prompts, questions, args, "base")
+        base_scores = {**scored(result["base"]), "overall": result["base"]["overall"]}
+        candidate_scores = {**scored(result), "overall": result["overall"]}
+        base_scores = {k: v for k, v in base_scores.items() if v is not None}
+        candidate_scores = {k: v for k, v in candidate_scores.items() if v is not None}
+        result["comparison"] = report.comparison(base_scores, candidate_scores)
+        table = report.comparison_table(base_scores, candidate_scores, "category", digits=2)
+    print(table)
+    print(f"turn 1 {result['turn_1']}, turn 2 {result['turn_2']}, overall {result['overall']}; "
+          f"{result['unparsable']}/{result['judgments']} judgments unparsable ({result['unparsable_rate']:.0%})")
+    if args.output:
+        report.write_json(args.output, result)
+        report.write_atomic(os.path.splitext(args.output)[0] + ".md", table + "\n")
+    if args.plot:
+        series = {"candidate": scored(result)}
+        if base_endpoint:
+            series = {"base": scored(result["base"]), **series}
+        report.plot_scores(args.plot, series, "score (1-10)")
+    return result
+
+
+if __name__ == "__main__":
+    exit_on_error(lambda: main(sys.argv[1:]) and None)

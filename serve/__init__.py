@@ -1,0 +1,1 @@
+"""Serving: `python -m serve`, `python -m serve.convert`, `python -m serve.chat`, and serve.background for tools."""

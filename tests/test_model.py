@@ -1,0 +1,61 @@
+"""Padding-free packing and the loss, on a tiny random Llama with the real tokenizer."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from config import ConfigError
+from model import CausalLMWithLoss, check_packing_support, load_model, pack
+
+
+def random_samples(n, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for length in rng.integers(5, 40, size=n):
+        ids = rng.integers(0, vocab, size=length)
+        labels = np.where(rng.random(length) < 0.6, ids, -100)
+        out.append((ids, labels))
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logits_equal_unpacked(tiny_model_dir, attn):
+    lm = load_model(tiny_model_dir, torch.float32, attn).eval()
+    samples = random_samples(5, lm.config.vocab_size)
+    batch = pack(samples, torch.device("cpu"), attn)
+    with torch.no_grad():
+        packed = lm(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    attention_mask=batch["attention_mask"]).logits[0]
+        singles = [lm(input_ids=torch.as_tensor(ids)[None]).logits[0] for ids, _ in samples]
+    torch.testing.assert_close(packed, torch.cat(singles), atol=1e-5, rtol=1e-5)
+    # without the block mask, position_ids alone let attention cross samples
+    with torch.no_grad():
+        leaky = lm(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    assert not torch.allclose(leaky, torch.cat(singles), atol=1e-3)
+
+
+def test_loss_is_summed_token_ce_over_global_count(tiny_model_dir):
+    lm = load_model(tiny_model_dir, torch.float32, "sdpa")
+    samples = random_samples(4, lm.config.vocab_size, seed=1)
+    batch = pack(samples, torch.device("cpu"), "sdpa")
+    targets = batch["targets"]
+    # targets are shifted inside each sample: a sample's last position predicts nothing
+    ends = np.cumsum([len(s[0]) for s in samples]) - 1
+    assert (targets[ends] == -100).all()
+    model = CausalLMWithLoss(lm)
+    loss = model(**batch, loss_scale=1 / 1000)
+    logits = lm(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                attention_mask=batch["attention_mask"]).logits[0]
+    reference = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / 1000
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-5)
+    loss.backward()
+    assert lm.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_models_that_mix_the_sequence_are_refused():
+    from transformers import MambaConfig
+    with pytest.raises(ConfigError, match="packing would mix samples"):
+        check_packing_support(MambaConfig())
+    cfg = type("C", (), {"model_type": "hybrid", "layer_types": ["full_attention", "linear_attention"]})()
+    with pytest.raises(ConfigError, match="linear_attention"):
+        check_packing_support(cfg)

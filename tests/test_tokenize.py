@@ -1,0 +1,140 @@
+"""tokenize_data.py with the real SmolLM2 tokenizer: loss masks, templates, drops and bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, write_jsonl
+
+from config import ConfigError
+from tokenize_data import load_tokenized, tokenize_dataset
+
+# A second template, Llama-3 like in shape: a BOS, plain-text role headers, <|endoftext|> ends each turn,
+# content trimmed, unknown roles rejected.
+OTHER_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('Unknown role: ' + m['role']) }}"
+    "{% endif %}{{ '### ' + m['role'] | capitalize + ':\\n' + m['content'] | trim + '<|endoftext|>\\n' }}"
+    "{% endfor %}")
+
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello! How can I help?"},
+                  {"role": "user", "content": "Name a color."}, {"role": "assistant", "content": " Blue \n"}]},
+    {"messages": [{"role": "user", "content": "Unicode?"},
+                  {"role": "assistant", "content": "Café ☕, naïve, 日本語, emoji 🚀 — done."}]},
+]
+
+
+def trained_runs(data, tok, i):
+    """Decoded runs of consecutive trained tokens, whitespace a merged token carries stripped."""
+    a, b = data["offsets"][i], data["offsets"][i + 1]
+    ids, labels = np.asarray(data["input_ids"][a:b]), np.asarray(data["labels"][a:b])
+    assert np.array_equal(labels[labels != -100], ids[labels != -100].astype(np.int32))
+    trained = np.flatnonzero(labels != -100)
+    # a new run starts where untrained non-whitespace text lies between two trained tokens
+    cuts = [k + 1 for k in range(len(trained) - 1)
+            if tok.decode(ids[trained[k] + 1:trained[k + 1]].tolist()).strip()]
+    return [tok.decode(ids[r].tolist()).strip() for r in np.split(trained, cuts)]
+
+
+@pytest.mark.parametrize("template", [None, OTHER_TEMPLATE], ids=["smollm2-chatml", "llama3-style-file"])
+def test_only_assistant_content_and_end_of_turn_are_trained(tmp_path, embedded_dir, tokenizer, template):
+    src = write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS)
+    tmpl_path = None
+    if template:
+        tmpl_path = tmp_path / "tmpl.jinja"
+        tmpl_path.write_text(template)
+    eot = "<|endoftext|>" if template else "<|im_end|>"
+    meta = tokenize_dataset(src, embedded_dir, str(tmp_path / "out"), 512, tmpl_path and str(tmpl_path))
+    data = load_tokenized(str(tmp_path / "out"))
+    assert meta["num_samples"] == 3 and len(data["offsets"]) == 4
+    for i, conv in enumerate(CONVERSATIONS):
+        expected = [m["content"].strip() + eot for m in conv["messages"] if m["role"] == "assistant"]
+        assert trained_runs(data, tokenizer, i) == expected
+    first = np.asarray(data["input_ids"][: data["offsets"][1]]).tolist()
+    assert first.count(tokenizer.bos_token_id) == (1 if template else first.count(tokenizer.bos_token_id))
+    if template:
+        assert first[0] == tokenizer.bos_token_id and first[1] != tokenizer.bos_token_id  # no double BOS
+    assert meta["total_tokens"] == int(data["offsets"][-1]) == len(data["input_ids"])
+    assert data["input_ids"].dtype == np.uint32 and data["labels"].dtype == np.int32
+    assert data["offsets"].dtype == np.int64
+
+
+def test_unmask_pretraining_and_drops(tmp_path, embedded_dir, tokenizer):
+    rows = [
+        {"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "Question here"},
+                      {"role": "assistant", "content": "Answer here"}], "unmask": True},
+        {"messages": [{"role": "pretraining", "content": "Raw text to learn, all of it."}]},
+        {"messages": [{"role": "user", "content": "x " * 400}, {"role": "assistant", "content": "too long"}]},
+        {"messages": [{"role": "user", "content": "no assistant turn at all"}]},
+        {"messages": [{"role": "user", "content": "kept"}, {"role": "assistant", "content": "yes"}]},
+    ]
+    meta = tokenize_dataset(write_jsonl(tmp_path / "d.jsonl", rows), embedded_dir, str(tmp_path / "o"), 128)
+    data = load_tokenized(str(tmp_path / "o"))
+    assert meta["num_samples"] == 3
+    assert meta["dropped"] == {"too_long": 1, "no_loss_tokens": 1, "invalid": 0}
+    assert trained_runs(data, tokenizer, 0) == ["Question here<|im_end|>", "Answer here<|im_end|>"]
+    a, b = data["offsets"][1], data["offsets"][2]
+    assert (np.asarray(data["labels"][a:b]) != -100).all()
+    assert tokenizer.decode(np.asarray(data["input_ids"][a:b]).tolist()) == "Raw text to learn, all of it.<|im_end|>"
+    assert meta["loss_tokens"] == sum(int((np.asarray(data["labels"][data["offsets"][i] + 1:data["offsets"][i + 1]])
+                                           != -100).sum()) for i in range(3))
+    assert sum(meta["length_histogram"]["counts"]) == 3
+
+
+BAD_LINES = [
+    ('{"messages": [', "invalid JSON"),
+    ('{"text": "no messages"}', "expected"),
+    ('{"messages": []}', "at least one message"),
+    ('{"messages": [{"role": "user", "content": 5}]}', "must be a string"),
+    ('{"messages": [{"role": "user", "content": "a"}], "unmask": "yes"}', "unmask"),
+    ('{"messages": [{"role": "pretraining", "content": "a"}, {"role": "user", "content": "b"}]}', "cannot be mixed"),
+    ('{"messages": [{"role": "tool", "content": "a"}, {"role": "assistant", "content": "b"}]}', "rejected"),
+]
+
+
+@pytest.mark.parametrize("line,reason", BAD_LINES)
+def test_bad_line_names_file_and_line_and_leaves_no_output(tmp_path, embedded_dir, line, reason):
+    good = json.dumps(CONVERSATIONS[0])
+    src = write_jsonl(tmp_path / "bad.jsonl", [good, good, line])
+    tmpl = tmp_path / "t.jinja"
+    tmpl.write_text(OTHER_TEMPLATE)
+    with pytest.raises(ConfigError, match=rf"bad.jsonl:3: .*{reason}"):
+        tokenize_dataset(src, embedded_dir, str(tmp_path / "out"), 512, str(tmpl))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_skip_invalid_writes_rejects(tmp_path, embedded_dir):
+    good = json.dumps(CONVERSATIONS[0])
+    src = write_jsonl(tmp_path / "mixed.jsonl", [good, BAD_LINES[0][0], good, BAD_LINES[3][0]])
+    meta = tokenize_dataset(src, embedded_dir, str(tmp_path / "out"), 512, skip_invalid=True)
+    assert meta["num_samples"] == 2 and meta["dropped"]["invalid"] == 2
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rejects] == [2, 4] and "invalid JSON" in rejects[0]["reason"]
+
+
+def test_empty_file_missing_model_and_cli_errors_without_traceback(tmp_path, embedded_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty.jsonl is empty"):
+        tokenize_dataset(str(empty), embedded_dir, str(tmp_path / "out"), 512)
+    src = write_jsonl(tmp_path / "bad.jsonl", ['{"messages": ['])
+    for args, expect in ([f"--data-path={src}", f"--model-path={embedded_dir}"], "bad.jsonl:1"), \
+                        ([f"--data-path={src}", "--model-path=/no/such/model"], "/no/such/model"):
+        r = subprocess.run([sys.executable, "tokenize_data.py", *args, f"--data-output-dir={tmp_path}/cli"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "cli").exists()
+
+
+def test_parallel_matches_single_process(tmp_path, embedded_dir):
+    src = write_jsonl(tmp_path / "many.jsonl", CONVERSATIONS * 400)  # several chunks
+    one = tokenize_dataset(src, embedded_dir, str(tmp_path / "one"), 512, num_proc=1)
+    two = tokenize_dataset(src, embedded_dir, str(tmp_path / "two"), 512, num_proc=2)
+    assert one["num_samples"] == two["num_samples"] == 1200
+    a, b = load_tokenized(str(tmp_path / "one")), load_tokenized(str(tmp_path / "two"))
+    for key in ("input_ids", "labels", "offsets"):
+        assert np.array_equal(a[key], b[key])
