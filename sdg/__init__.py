@@ -1,0 +1,1 @@
+"""Synthetic data generation from an InstructLab taxonomy: `python -m sdg validate|generate|mix`."""

@@ -1,0 +1,237 @@
+"""The pipelines: taxonomy leaves in, messages-format train/test JSONL out.
+
+skills:          new questions from the seeds -> answers -> judge -> dedup
+grounded skills: new contexts -> a question about each -> answers -> judge -> dedup
+knowledge:       document chunks -> question-answer pairs grounded in a chunk -> faithfulness judge -> dedup
+
+Prompts are the editable Jinja templates in sdg/prompts/ (or --prompts-dir). Every stage counts what it asked,
+found in the cache, could not parse, and kept; the counts are printed and saved to OUT/stats.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import jinja2
+
+from config import ConfigError
+from sdg.mix import write_jsonl_atomic
+from sdg.parse import deduplicate, parse_answer, parse_context, parse_qa_pair, parse_question, parse_score
+from sdg.taxonomy import Leaf
+from sdg.teacher import Teacher, job_id
+
+PROMPTS_DIR = Path(__file__).parent / "prompts"
+TEMPLATES = ("skill_question", "grounded_context", "grounded_question", "answer", "judge_answer", "knowledge_qa",
+             "judge_faithful")
+
+
+@dataclasses.dataclass
+class Settings:
+    num_instructions: int = 10  # generation requests per leaf
+    judge_threshold: int = 3  # keep pairs the judge scores at least this (1-5); 0 skips the judge
+    dedup_threshold: float = 0.9  # ROUGE-L F1 at or above this is a near duplicate; 1.0 = exact match only
+    max_tokens: int = 256  # per answer / question-answer pair
+    temperature: float = 0.7
+    chunk_words: int = 180
+    examples_per_prompt: int = 3
+    system_prompt: str | None = None
+
+
+def load_templates(prompts_dir: Path) -> dict[str, jinja2.Template]:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(prompts_dir)), undefined=jinja2.StrictUndefined)
+    templates = {}
+    for name in TEMPLATES:
+        try:
+            templates[name] = env.get_template(f"{name}.jinja")
+        except jinja2.TemplateNotFound:
+            raise ConfigError(f"prompt template {prompts_dir / (name + '.jinja')} not found; "
+                              f"copy it from {PROMPTS_DIR}") from None
+        except jinja2.TemplateSyntaxError as e:
+            raise ConfigError(f"{e.filename}:{e.lineno}: template syntax error: {e.message}") from None
+    return templates
+
+
+def render(templates, name: str, **values) -> str:
+    try:
+        return templates[name].render(**values)
+    except jinja2.UndefinedError as e:
+        raise ConfigError(f"prompt template {name}.jinja: {e.message}; available: {', '.join(sorted(values))}") from None
+
+
+def chunk_document(text: str, words: int) -> list[str]:
+    """Paragraph-aligned chunks of about `words` words; a heading stays with the paragraph after it."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    chunks, current, size = [], [], 0
+    for paragraph in paragraphs:
+        n = len(paragraph.split())
+        if current and size + n > words and not current[-1].startswith("#"):
+            chunks.append("\n\n".join(current))
+            current, size = [], 0
+        current.append(paragraph)
+        size += n
+    if current:
+        chunks.append("\n\n".join(current))
+    return chunks
+
+
+class Stage:
+    """One teacher stage of one leaf: build jobs, ask, parse, and count every outcome."""
+
+    def __init__(self, teacher: Teacher, leaf: Leaf, name: str, stats: dict):
+        self.teacher, self.leaf, self.name = teacher, leaf, name
+        self.counts = stats.setdefault(name, Counter())
+        self.jobs: list[dict] = []
+
+    def add(self, prompt: str, max_tokens: int, temperature: float, index: int, payload=None):
+        seed = index  # a different but reproducible sample per job
+        job = {"id": job_id(self.leaf.name, self.name, prompt, max_tokens, temperature, seed, self.teacher.model),
+               "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "payload": payload}
+        self.jobs.append(job)
+
+    def run(self, parse) -> list[tuple[object, object]]:
+        """(payload, parsed) for every reply that parsed."""
+        cache_name = f"{self.leaf.name.replace('/', '__')}.{self.name}"
+        replies, counts = self.teacher.ask(cache_name, self.jobs, label=f"{self.leaf.name.rsplit('/', 1)[-1]} {self.name}")
+        self.counts.update(counts)
+        results = []
+        for job in self.jobs:
+            if job["id"] not in replies:
+                continue
+            parsed = parse(replies[job["id"]])
+            self.counts["parsed" if parsed is not None else "unparsable"] += 1
+            if parsed is not None:
+                results.append((job["payload"], parsed))
+        return results
+
+
+def _seeds(leaf: Leaf) -> list[dict]:
+    return [{"question": s["question"], "answer": s["answer"], "context": s.get("context")} for s in leaf.data["seed_examples"]]
+
+
+def _pick(items: list, k: int, leaf: Leaf, index: int) -> list:
+    return random.Random(f"{leaf.name}:{index}").sample(items, min(k, len(items)))
+
+
+def _judge(teacher, leaf, templates, settings, stats, pairs: list[dict], template: str, extra) -> list[dict]:
+    if settings.judge_threshold <= 0:
+        return pairs
+    stage = Stage(teacher, leaf, "judge", stats)
+    for i, pair in enumerate(pairs):
+        prompt = render(templates, template, question=pair["question"], answer=pair["answer"], **extra(pair))
+        stage.add(prompt, max_tokens=16, temperature=0.0, index=i, payload=pair)
+    kept = []
+    for pair, score in stage.run(parse_score):
+        pair["score"] = score
+        if score >= settings.judge_threshold:
+            kept.append(pair)
+    stage.counts["kept"] = len(kept)
+    stage.counts["rejected"] = stage.counts["parsed"] - len(kept)
+    return kept
+
+
+def skill_pairs(teacher, leaf, templates, settings, stats) -> list[dict]:
+    seeds = _seeds(leaf)
+    task = leaf.data["task_description"]
+    k, n = settings.examples_per_prompt, settings.num_instructions
+    if leaf.grounded:
+        contexts = Stage(teacher, leaf, "contexts", stats)
+        for i in range(n):
+            examples = [s["context"] for s in _pick(seeds, min(k, 2), leaf, i)]
+            contexts.add(render(templates, "grounded_context", task_description=task, examples=examples),
+                         settings.max_tokens, settings.temperature, i)
+        questions = Stage(teacher, leaf, "questions", stats)
+        for i, (_, context) in enumerate(contexts.run(parse_context)):
+            example = _pick(seeds, 1, leaf, i)[0]
+            questions.add(render(templates, "grounded_question", task_description=task, context=context,
+                                 example_context=example["context"], example_question=example["question"]),
+                          64, settings.temperature, i, payload=context)
+    else:
+        questions = Stage(teacher, leaf, "questions", stats)
+        for i in range(n):
+            examples = [s["question"] for s in _pick(seeds, k, leaf, i)]
+            questions.add(render(templates, "skill_question", task_description=task, examples=examples),
+                          64, settings.temperature, i)
+    answers = Stage(teacher, leaf, "answers", stats)
+    for i, (context, question) in enumerate(questions.run(parse_question)):
+        prompt = render(templates, "answer", task_description=task, examples=_pick(seeds, min(k, 2), leaf, i),
+                        question=question, context=context)
+        answers.add(prompt, settings.max_tokens, settings.temperature, i, payload={"question": question, "context": context})
+    pairs = [dict(payload, answer=answer) for payload, answer in answers.run(parse_answer)]
+    return _judge(teacher, leaf, templates, settings, stats, pairs, "judge_answer",
+                  lambda pair: {"task_description": task, "context": pair["context"]})
+
+
+def knowledge_pairs(teacher, leaf, templates, settings, stats) -> list[dict]:
+    chunks = [c for path in leaf.documents for c in chunk_document(path.read_text(encoding="utf-8"), settings.chunk_words)]
+    if not chunks:
+        raise ConfigError(f"{leaf.path}: its documents ({', '.join(map(str, leaf.documents))}) hold no text")
+    stats["chunks"] = Counter(documents=len(leaf.documents), chunks=len(chunks))
+    seeds = leaf.data["seed_examples"]
+    stage = Stage(teacher, leaf, "qa_pairs", stats)
+    for i in range(settings.num_instructions):
+        chunk = chunks[i % len(chunks)]
+        seed = seeds[i % len(seeds)]
+        prompt = render(templates, "knowledge_qa", domain=leaf.data["domain"], document_outline=leaf.data["document_outline"],
+                        example_context=seed["context"], example_qas=seed["questions_and_answers"], chunk=chunk)
+        stage.add(prompt, settings.max_tokens, settings.temperature, i, payload=chunk)
+    pairs = [{"question": q, "answer": a, "context": None, "chunk": chunk} for chunk, (q, a) in stage.run(parse_qa_pair)]
+    return _judge(teacher, leaf, templates, settings, stats, pairs, "judge_faithful", lambda pair: {"chunk": pair["chunk"]})
+
+
+def to_messages(question: str, answer: str, context: str | None, leaf: Leaf, pipeline: str, settings: Settings) -> dict:
+    user = f"{context.strip()}\n\n{question}" if context else question
+    messages = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "metadata": {"leaf": leaf.name, "pipeline": pipeline}}
+
+
+def seed_samples(leaf: Leaf, settings: Settings) -> list[dict]:
+    """The human-written seeds: held out as the test set, never trained on."""
+    if leaf.kind == "knowledge":
+        return [to_messages(qa["question"], qa["answer"], None, leaf, "seed", settings)
+                for seed in leaf.data["seed_examples"] for qa in seed["questions_and_answers"]]
+    return [to_messages(s["question"], s["answer"], s.get("context"), leaf, "seed", settings) for s in leaf.data["seed_examples"]]
+
+
+def generate(leaves: list[Leaf], teacher: Teacher, output_dir: Path, settings: Settings,
+             prompts_dir: Path = PROMPTS_DIR) -> dict:
+    templates = load_templates(prompts_dir)
+    train, test, report = [], [], {}
+    for leaf in leaves:
+        pipeline = "knowledge" if leaf.kind == "knowledge" else "grounded_skills" if leaf.grounded else "skills"
+        stats: dict = {}
+        make_pairs = knowledge_pairs if leaf.kind == "knowledge" else skill_pairs
+        pairs = make_pairs(teacher, leaf, templates, settings, stats)
+        kept, exact, near = deduplicate(
+            pairs, key=lambda p: f"{p['context'] or ''}\n{p['question']}", near_threshold=settings.dedup_threshold)
+        stats["dedup"] = Counter(input=len(pairs), exact_duplicates=exact, near_duplicates=near, kept=len(kept))
+        train += [to_messages(p["question"], p["answer"], p["context"], leaf, pipeline, settings) for p in kept]
+        test += seed_samples(leaf, settings)
+        report[leaf.name] = {"pipeline": pipeline, "stages": {k: dict(v) for k, v in stats.items()}, "samples": len(kept)}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(output_dir / "train.jsonl", train)
+    write_jsonl_atomic(output_dir / "test.jsonl", test)
+    summary = {"leaves": report, "train_samples": len(train), "test_samples": len(test),
+               "requests": dict(teacher.counts), "teacher": {"endpoint": teacher.endpoint, "model": teacher.model},
+               "settings": dataclasses.asdict(settings)}
+    tmp = output_dir / ".stats.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(output_dir / "stats.json")
+    return summary
+
+
+def format_report(summary: dict) -> str:
+    lines = []
+    for name, leaf in summary["leaves"].items():
+        lines.append(f"{name} ({leaf['pipeline']}): {leaf['samples']} samples")
+        for stage, counts in leaf["stages"].items():
+            lines.append(f"  {stage:<10} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
+    requests = summary["requests"]
+    lines.append(f"train: {summary['train_samples']}  test (seeds): {summary['test_samples']}  "
+                 f"requests sent: {requests.get('sent', 0)}  from cache: {requests.get('cached', 0)}  "
+                 f"rejected: {requests.get('failed', 0)}")
+    return "\n".join(lines)

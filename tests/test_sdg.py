@@ -1,0 +1,362 @@
+"""sdg/: taxonomy validation, tolerant parsing, dedup, mixing, and generation against a real llama.cpp teacher."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, write_jsonl
+
+from config import ConfigError
+from sdg.generate import chunk_document
+from sdg.mix import message_problem, mix
+from sdg.parse import (deduplicate, normalize, parse_answer, parse_context, parse_qa_pair, parse_question,
+                       parse_score)
+from sdg.taxonomy import load_taxonomy, validate_taxonomy
+from sdg.teacher import load_cache
+
+SAMPLE = ROOT / "sdg" / "sample_taxonomy"
+# Tiny settings: the 135M teacher on 2 CPU cores writes ~50-150 tokens/s.
+FAST = ["--max-tokens", "48", "--timeout", "60", "--retries", "1"]
+
+
+def sdg(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "sdg", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def cache_ids(out):
+    """Ids of complete cache records; a line still being written (or cut by a kill) has no newline yet."""
+    ids = []
+    for f in sorted((Path(out) / "cache").glob("*.jsonl")):
+        text = f.read_text()
+        ids += [json.loads(line)["id"] for line in text[: text.rfind("\n") + 1].splitlines()]
+    return ids
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- taxonomy ----------------------------------------------------------------------------------------------
+
+def write(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+SEED = "  - question: Write a note number {i}.\n    answer: Here is note {i}.\n"
+
+
+def test_sample_taxonomy_is_valid():
+    r = sdg("validate", SAMPLE, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "3 leaves valid" in r.stdout
+    kinds = {leaf.name: (leaf.kind, leaf.grounded, len(leaf.documents)) for leaf in load_taxonomy(SAMPLE)}
+    assert kinds == {"compositional_skills/writing/thank_you_notes": ("skill", False, 0),
+                     "compositional_skills/extraction/meeting_action_items": ("skill", True, 0),
+                     "knowledge/food/sourdough_starter": ("knowledge", False, 1)}
+
+
+def test_validate_reports_every_problem_with_file_and_line(tmp_path):
+    write(tmp_path / "skills/typo/qna.yaml",
+          "version: 3\ncreated_by: me\ntask_descripton: notes\nseed_examples:\n" + "".join(SEED.format(i=i) for i in range(5)))
+    write(tmp_path / "skills/few/qna.yaml", "version: 3\ncreated_by: me\ntask_description: t\nseed_examples:\n"
+          + SEED.format(i=1) + "  - question: no answer here\n  - question: q\n    answer: ''\n")
+    write(tmp_path / "skills/broken/qna.yaml", "version: 3\nseed_examples:\n  - question: [unclosed\n")
+    write(tmp_path / "skills/dup/qna.yaml", "version: 3\ncreated_by: me\ntask_description: t\nseed_examples:\n"
+          + "".join(SEED.format(i=i) for i in range(5)) + "    answer: again\n")
+    seeds = "".join(f"  - context: c{i}\n    questions_and_answers:\n" + "".join(
+        f"      - question: q{i}{j}\n        answer: a{j}\n" for j in range(3)) for i in range(5))
+    write(tmp_path / "knowledge/nofolder/qna.yaml", "version: 3\ncreated_by: me\ndomain: d\ndocument_outline: o\n"
+          f"seed_examples:\n{seeds}document:\n  repo: missing_docs\n  patterns: ['*.md']\n")
+    write(tmp_path / "knowledge/nomatch/qna.yaml", "version: 2\ncreated_by: me\ndomain: d\ndocument_outline: o\n"
+          f"seed_examples:\n{seeds}document:\n  repo: docs\n  patterns:\n    - '*.md'\n")
+    write(tmp_path / "knowledge/nomatch/docs/notes.txt", "plain text, not markdown")
+
+    r = sdg("validate", tmp_path, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "error: 10 problem(s)" in r.stderr, r.stdout + r.stderr
+    out = r.stdout
+    expected = [
+        f"{tmp_path}/skills/typo/qna.yaml:3: unknown key 'task_descripton' in top level; did you mean 'task_description'?",
+        f"{tmp_path}/skills/typo/qna.yaml:1: top level is missing required key(s) 'task_description'",
+        f"{tmp_path}/skills/few/qna.yaml:5: seed_examples has 3 seed examples, at least 5 are needed",
+        f"{tmp_path}/skills/few/qna.yaml:7: seed_examples.1 is missing required key(s) 'answer'",
+        f"{tmp_path}/skills/few/qna.yaml:9: seed_examples.2.answer is empty",
+        f"{tmp_path}/skills/broken/qna.yaml:4: invalid YAML",
+        f"{tmp_path}/skills/dup/qna.yaml:15: duplicate key 'answer'",
+        f"{tmp_path}/knowledge/nofolder/qna.yaml:47: document.repo folder {tmp_path}/knowledge/nofolder/missing_docs does not exist",
+        f"{tmp_path}/knowledge/nomatch/qna.yaml:1: version must be 3",
+        f"{tmp_path}/knowledge/nomatch/qna.yaml:49: pattern '*.md' matches no file in {tmp_path}/knowledge/nomatch/docs; files there: notes.txt",
+    ]
+    for line in expected:
+        assert line in out, f"missing: {line}\n--- got:\n{out}"
+    assert out.count("\n") == len(expected)  # one line per problem, nothing valid left over
+    with pytest.raises(ConfigError, match="10 problem"):
+        load_taxonomy(tmp_path)
+
+
+def test_grounded_skill_needs_context_in_every_seed(tmp_path):
+    seeds = "".join(SEED.format(i=i) if i == 3 else
+                    f"  - context: notes {i}\n" + SEED.format(i=i).replace("  - question", "    question") for i in range(5))
+    write(tmp_path / "g/qna.yaml", f"version: 3\ncreated_by: me\ntask_description: t\nseed_examples:\n{seeds}")
+    leaves, problems = validate_taxonomy(tmp_path)
+    assert leaves == [] and len(problems) == 1
+    assert problems[0].startswith(f"{tmp_path}/g/qna.yaml:14: seed_examples.3 has no context"), problems
+
+
+def test_missing_taxonomy_folder_is_a_clear_error(tmp_path):
+    r = sdg("validate", tmp_path / "nope", timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: taxonomy folder") and "Traceback" not in r.stderr
+
+
+# ---- parsing, dedup, chunking ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Question: How do I thank my boss?\nAnswer: Dear boss...", "How do I thank my boss?"),
+    ("**Question 1:** Write a note to my aunt for the scarf.", "Write a note to my aunt for the scarf."),
+    ("Sure! Here is a new question:\n\n2. Write a note to my teacher for extra help.", "Write a note to my teacher for extra help."),
+    ("<|im_start|>Q: Thank the bus driver who waited for me.<|im_end|>", "Thank the bus driver who waited for me."),
+    ("", None),
+    ("Ok.", None),
+])
+def test_parse_question(reply, expected):
+    assert parse_question(reply) == expected
+
+
+def test_parse_answers_pairs_scores_contexts():
+    assert parse_answer("Answer: Dear Tom, thanks!\n\nQuestion: and now?") == "Dear Tom, thanks!"
+    assert parse_answer("Dear Tom,\nthanks a lot!\nBest, Sam") == "Dear Tom,\nthanks a lot!\nBest, Sam"
+    assert parse_answer("  \n") is None
+    assert parse_qa_pair("Here you go.\n**Question:** What is hooch?\n**Answer:** Alcohol made by hungry yeast.\n"
+                         "Question: another?\nAnswer: x") == ("What is hooch?", "Alcohol made by hungry yeast.")
+    assert parse_qa_pair("Q1. What temperature suits a starter?\nA1. 24 to 26 degrees.") == (
+        "What temperature suits a starter?", "24 to 26 degrees.")
+    assert parse_qa_pair("Question: What is a starter?\nAnswer:") is None
+    assert parse_qa_pair("A starter is flour and water.") is None
+    assert parse_qa_pair("A new question for the passage:\nWhat makes bread rise? The yeast's carbon dioxide.") == (
+        "What makes bread rise?", "The yeast's carbon dioxide.")
+    assert parse_qa_pair("What makes bread rise?") is None
+    assert parse_context("Context: Ana will fix the login bug by Monday; Ben emails the vendor.\nQuestion: List items") == (
+        "Ana will fix the login bug by Monday; Ben emails the vendor.")
+    for reply, score in [("4", 4), ("Score: 4/5", 4), ("I rate it **5**.", 5), ("The answer gets 2 out of 5", 2),
+                         ("10", None), ("3.5", None), ("The answer is incorrect.", None)]:
+        assert parse_score(reply) == score, reply
+
+
+def test_deduplicate_exact_then_near():
+    items = [{"q": "What is hooch?"}, {"q": "what is  HOOCH"}, {"q": "What is the hooch?"}, {"q": "How long to peak?"}]
+    kept, exact, near = deduplicate(items, key=lambda s: s["q"], near_threshold=0.8)
+    assert [k["q"] for k in kept] == ["What is hooch?", "How long to peak?"] and (exact, near) == (1, 1)
+    kept, exact, near = deduplicate(items, key=lambda s: s["q"], near_threshold=1.0)
+    assert len(kept) == 3 and (exact, near) == (1, 0)
+    assert normalize(" What, is   HOOCH?! ") == "what is hooch"
+
+
+def test_chunk_document_keeps_every_paragraph_and_headings():
+    text = (SAMPLE / "knowledge/food/sourdough_starter/documents/sourdough_starter.md").read_text()
+    chunks = chunk_document(text, words=120)
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    assert "\n\n".join(chunks) == "\n\n".join(paragraphs)  # nothing dropped, order kept
+    assert len(chunks) >= 3 and all(not c.rstrip().splitlines()[-1].startswith("#") for c in chunks)
+    assert all(len(c.split()) <= 120 + max(len(p.split()) for p in paragraphs) for c in chunks)
+
+
+def test_load_cache_cuts_a_half_written_last_line(tmp_path):
+    path = tmp_path / "stage.jsonl"
+    path.write_text('{"id": "a", "reply": "x"}\n{"id": "b", "re')
+    assert list(load_cache(path)) == ["a"]
+    assert path.read_text() == '{"id": "a", "reply": "x"}\n'  # the next append starts on a clean line
+
+
+# ---- mix ---------------------------------------------------------------------------------------------------
+
+def chat(i, tag):
+    return {"messages": [{"role": "user", "content": f"{tag} q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+            "metadata": {"leaf": tag, "pipeline": "skills"}}
+
+
+def test_mix_counts_ratios_and_upsampling(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [chat(i, "a") for i in range(10)])
+    write_jsonl(tmp_path / "b.jsonl", [chat(i, "b") for i in range(4)])
+    write(tmp_path / "recipe.yaml", "output: out/mixed.jsonl\nseed: 7\ndatasets:\n"
+          "  - path: a.jsonl\n    ratio: 0.5\n  - path: b.jsonl\n    samples: 10\n")
+    r = sdg("mix", tmp_path / "recipe.yaml", timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = read_jsonl(tmp_path / "out/mixed.jsonl")
+    tags = [row["metadata"]["leaf"] for row in rows]
+    assert tags.count("a") == 5 and tags.count("b") == 10
+    b_questions = [row["messages"][0]["content"] for row in rows if row["metadata"]["leaf"] == "b"]
+    assert set(b_questions) == {f"b q{i}" for i in range(4)}  # 10 of 4: two full copies plus 2 drawn
+    assert len({row["messages"][0]["content"] for row in rows if row["metadata"]["leaf"] == "a"}) == 5
+    assert os.listdir(tmp_path / "out") == ["mixed.jsonl"]  # no temp file left behind
+    again, _ = mix(tmp_path / "recipe.yaml", tmp_path / "again.jsonl")
+    assert read_jsonl(again) == rows  # the seed makes it reproducible
+
+
+@pytest.mark.parametrize("recipe, data, message", [
+    ("datasets:\n  - path: a.jsonl\n    ratio: 1\n    samples: 2\n", None, "exactly one of 'samples'"),
+    ("datasets:\n  - path: a.jsonl\n    ratoi: 1\n", None, "unknown key 'ratoi'; did you mean 'ratio'?"),
+    ("datasets:\n  - path: a.jsonl\n    samples: -1\n", None, "samples must be a whole number"),
+    ("datasets:\n  - path: missing.jsonl\n    ratio: 1\n", None, "missing.jsonl' not found"),
+    ("datasets:\n  - path: a.jsonl\n    ratio: 1\n", '{"messages": []}', "a.jsonl:2: expected an object with a non-empty"),
+    ("datasets:\n  - path: a.jsonl\n    ratio: 1\n", "{not json", "a.jsonl:2: invalid JSON"),
+    ("datasets:\n  - path: a.jsonl\n    ratio: 1\n",
+     '{"messages": [{"role": "user", "content": "only a question"}]}', "a.jsonl:2: no non-empty assistant"),
+])
+def test_mix_bad_input_names_the_problem(tmp_path, recipe, data, message):
+    write_jsonl(tmp_path / "a.jsonl", [chat(0, "a")] + ([data] if data else []))
+    write(tmp_path / "recipe.yaml", recipe)
+    r = sdg("mix", tmp_path / "recipe.yaml", timeout=60)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "mixed.jsonl").exists()
+
+
+# ---- generation against the real embedded teacher ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher_url():
+    from serve.background import running_server
+    with running_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def generated(teacher_url, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sdg_out")
+    r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", out, "--num-instructions", 3, "--endpoint", teacher_url,
+            "--concurrency", 2, "--judge-threshold", 1, *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def check_sample(row, leaves):
+    from tokenize_data import parse_line
+    assert message_problem(row) is None
+    parse_line(json.dumps(row).encode())  # what the trainer's tokenizer step accepts
+    assert set(row["metadata"]) == {"leaf", "pipeline"} and row["metadata"]["leaf"] in leaves
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+
+
+def test_generate_counts_are_consistent_and_output_valid(generated):
+    out, r = generated
+    stats = json.loads((out / "stats.json").read_text())
+    leaves = {leaf.name: leaf for leaf in load_taxonomy(SAMPLE)}
+    assert set(stats["leaves"]) == set(leaves)
+    train, test = read_jsonl(out / "train.jsonl"), read_jsonl(out / "test.jsonl")
+    sent = 0
+    for name, leaf_stats in stats["leaves"].items():
+        stages = leaf_stats["stages"]
+        first = stages["qa_pairs"] if "qa_pairs" in stages else stages.get("contexts", stages["questions"])
+        assert first["requested"] == 3
+        pipeline_stages = [s for s in ("contexts", "questions", "answers", "qa_pairs", "judge") if s in stages]
+        for earlier, later in zip(pipeline_stages, pipeline_stages[1:]):
+            assert stages[later]["requested"] == stages[earlier].get("parsed", 0)  # every parsed reply moves on
+        for stage in pipeline_stages:
+            counts = stages[stage]
+            assert counts.get("parsed", 0) + counts.get("unparsable", 0) + counts.get("failed", 0) == counts["requested"]
+            sent += counts["requested"] - counts["cached"]
+        judge = stages["judge"]
+        assert judge["kept"] + judge["rejected"] == judge.get("parsed", 0)
+        dedup = stages["dedup"]
+        assert dedup["input"] == judge["kept"]
+        assert dedup["kept"] == dedup["input"] - dedup["exact_duplicates"] - dedup["near_duplicates"]
+        assert sum(row["metadata"]["leaf"] == name for row in train) == dedup["kept"] == leaf_stats["samples"]
+    assert stats["requests"].get("sent", 0) == sent and stats["requests"].get("cached", 0) == 0
+    assert len(cache_ids(out)) == len(set(cache_ids(out))) == sent
+    for row in train:
+        check_sample(row, leaves)
+        assert row["metadata"]["pipeline"] == {"knowledge": "knowledge"}.get(
+            leaves[row["metadata"]["leaf"]].kind, "grounded_skills" if leaves[row["metadata"]["leaf"]].grounded else "skills")
+    users = [normalize(row["messages"][0]["content"]) for row in train]
+    assert len(users) == len(set(users))
+    assert len(test) == 5 + 5 + 15 and all(row["metadata"]["pipeline"] == "seed" for row in test)
+    for row in test:
+        check_sample(row, leaves)
+    assert "requests sent" in r.stdout and "sourdough_starter (knowledge)" in r.stdout
+
+
+def test_rerun_reuses_the_cache_and_yields_samples(generated, teacher_url, tmp_path, embedded_dir):
+    out, _ = generated
+    rerun = tmp_path / "rerun"
+    shutil.copytree(out, rerun)
+    r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", rerun, "--num-instructions", 3, "--endpoint", teacher_url,
+            "--judge-threshold", 0, *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads((rerun / "stats.json").read_text())
+    assert stats["requests"].get("sent", 0) == 0 and stats["requests"]["cached"] > 0  # nothing asked twice
+    train = read_jsonl(rerun / "train.jsonl")
+    assert train, "without the judge every parsed answer should survive dedup into train.jsonl"
+    for name, leaf_stats in stats["leaves"].items():
+        assert "judge" not in leaf_stats["stages"]
+        last = leaf_stats["stages"].get("answers", leaf_stats["stages"].get("qa_pairs"))
+        assert leaf_stats["stages"]["dedup"]["input"] == last.get("parsed", 0)
+    # The output feeds tokenize_data.py directly, also through a mix recipe.
+    write(tmp_path / "recipe.yaml", f"output: mixed.jsonl\ndatasets:\n  - path: {rerun}/train.jsonl\n    ratio: 1.0\n"
+          f"  - path: {rerun}/test.jsonl\n    samples: 3\n")
+    mixed, _ = mix(tmp_path / "recipe.yaml")
+    from tokenize_data import tokenize_dataset
+    meta = tokenize_dataset(str(mixed), embedded_dir, str(tmp_path / "tokenized"), 512)
+    assert meta["num_samples"] == len(train) + 3 and meta["dropped"]["invalid"] == 0 and meta["loss_tokens"] > 0
+
+
+def test_kill_and_rerun_resumes_without_redoing_work(teacher_url, tmp_path):
+    taxonomy = tmp_path / "taxonomy"
+    shutil.copytree(SAMPLE / "compositional_skills/writing", taxonomy / "compositional_skills/writing")
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "sdg", "generate", "--taxonomy", str(taxonomy), "--output-dir", str(out),
+            "--num-instructions", "3", "--endpoint", teacher_url, "--concurrency", "1", "--judge-threshold", "0", *FAST]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(cache_ids(out) if (out / "cache").exists() else []) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, "generate ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    done_before = len(cache_ids(out))  # load_cache would drop a half-written last line; ids here parsed whole
+    assert 2 <= done_before < 6 and not (out / "train.jsonl").exists()  # no output that looks complete
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads((out / "stats.json").read_text())
+    ids = cache_ids(out)
+    assert len(ids) == len(set(ids))  # no request was answered twice
+    assert stats["requests"]["cached"] == done_before
+    stages = stats["leaves"]["compositional_skills/writing/thank_you_notes"]["stages"]
+    assert stats["requests"]["cached"] + stats["requests"].get("sent", 0) == sum(
+        s["requested"] for k, s in stages.items() if k in ("questions", "answers"))
+    assert len(read_jsonl(out / "train.jsonl")) == stages["dedup"]["kept"]
+
+
+def test_endpoint_down_is_a_clear_error_and_keeps_work(generated, tmp_path):
+    out, _ = generated
+    dead = f"http://127.0.0.1:{closed_port()}/v1"
+    r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", tmp_path / "fresh", "--endpoint", dead,
+            "--retries", "1", "--timeout", "5", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"error: cannot reach the teacher at {dead} after 1 retries" in r.stderr
+
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept)
+    before = {p.name: p.read_bytes() for p in (kept / "cache").iterdir()}
+    train_before = (kept / "train.jsonl").read_bytes()
+    # One more instruction than the finished run: its first stage needs the (dead) teacher again.
+    r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", kept, "--num-instructions", 4, "--endpoint", dead,
+            "--model", "teacher", "--retries", "1", "--timeout", "5", "--judge-threshold", 1, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"error: teacher at {dead} failed after retries: APIConnectionError" in r.stderr
+    assert "Work so far is kept" in r.stderr
+    assert {p.name: p.read_bytes() for p in (kept / "cache").iterdir()} == before
+    assert (kept / "train.jsonl").read_bytes() == train_before
