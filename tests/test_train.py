@@ -1,0 +1,169 @@
+"""train.py end to end on real processes: 1 rank = 2 ranks = gradient accumulation, resume, checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, write_jsonl
+from safetensors.torch import load_file
+
+import sampler
+import train
+from config import load_config
+from tokenize_data import tokenize_dataset
+
+TOPICS = ["the sea", "a red bicycle", "prime numbers", "bread", "the moon", "winter", "trains", "a library",
+          "coffee", "rivers", "music", "chess", "gardens", "clouds", "mountains", "robots"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tiny_model_dir):
+    """32 short conversations of varied length, tokenized once for every run of this module."""
+    d = tmp_path_factory.mktemp("data")
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about {t}." + " Please." * (k % 4)},
+                          {"role": "assistant", "content": f"Here is a fact about {t}. " * (1 + k % 5)}]}
+            for k, t in enumerate(TOPICS * 2)]
+    src = write_jsonl(d / "train.jsonl", rows)
+    tokenize_dataset(src, tiny_model_dir, str(d / "tok"), 256)
+    return {"data_path": src, "data_output_dir": str(d / "tok")}
+
+
+def base_args(tiny_model_dir, dataset, out_dir, **extra):
+    args = {"model_path": tiny_model_dir, **dataset, "ckpt_output_dir": str(out_dir), "max_seq_len": 256,
+            "effective_batch_size": 16, "learning_rate": 1e-3, "lr_scheduler": "constant", "warmup_steps": 0,
+            "max_batch_len": 4096, "num_epochs": 1, "checkpoint_at_epoch": False, "keep_last_checkpoint_only": True,
+            "random_seed": 5, "dtype": "float32", "num_proc": 1}
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def run_train(args, nproc=1, check=True, **popen):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "train.py", "--config", "", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "train.py", "--config", "", *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:  # torchrun's workers would outlive a plain kill
+            os.killpg(proc.pid, signal.SIGKILL)
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+def metrics(out_dir):
+    rows = [json.loads(x) for x in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["step"]: r for r in rows}  # a resumed run re-logs steps after its checkpoint: keep the last
+
+
+def weights(out_dir, name="last_epoch"):
+    return load_file(os.path.join(out_dir, "hf_format", name, "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
+
+
+def test_one_step_same_for_one_rank_two_ranks_and_accumulation(tmp_path, tiny_model_dir, dataset):
+    one = tmp_path / "one"
+    run_train(base_args(tiny_model_dir, dataset, one, max_steps=1))
+    accum = tmp_path / "accum"  # budget of 300 tokens forces several micro-steps
+    run_train(base_args(tiny_model_dir, dataset, accum, max_steps=1, max_batch_len=300))
+    two = tmp_path / "two"
+    run_train(base_args(tiny_model_dir, dataset, two, max_steps=1, max_batch_len=300), nproc=2)
+    m1, ma, m2 = metrics(one)[1], metrics(accum)[1], metrics(two)[1]
+    assert m1["num_tokens"] == ma["num_tokens"] == m2["num_tokens"]
+    for m in (ma, m2):
+        assert m["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+        assert m["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    w1 = weights(one)
+    assert any(not torch.equal(start[k], w1[k]) for k in start)  # the step changed the model
+    assert_same_weights(weights(accum), w1)
+    assert_same_weights(weights(two), w1)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, dataset, nproc):
+    common = dict(effective_batch_size=4, num_epochs=1, save_samples=4, max_batch_len=300,
+                  lr_scheduler="cosine", warmup_steps=2)
+    full = tmp_path / "full"
+    run_train(base_args(tiny_model_dir, dataset, full, **common), nproc=nproc)
+    killed = tmp_path / "killed"
+    proc = run_train(base_args(tiny_model_dir, dataset, killed, **common), nproc=nproc,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((killed / "full_state").glob("step_00000003")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(metrics(killed)) < 8, "the run finished before it was killed"
+    run_train(base_args(tiny_model_dir, dataset, killed, **common), nproc=nproc)
+    a, b = metrics(full), metrics(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in a]  # bitwise, every step
+    wa, wb = weights(full), weights(killed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_changed_settings(tmp_path, tiny_model_dir, dataset):
+    out = tmp_path / "run"
+    run_train(base_args(tiny_model_dir, dataset, out, max_steps=1))
+    r = run_train(base_args(tiny_model_dir, dataset, out, max_steps=2, effective_batch_size=8), check=False)
+    assert r.returncode == 2 and "effective_batch_size: saved 16, now 8" in r.stderr and "Traceback" not in r.stderr
+
+
+def simple_plan(lengths, loss_counts, effective_batch_size, max_batch_len, world_size, seed, epoch):
+    """A deliberately plain sampler: in file order, two samples per micro-batch."""
+    steps = []
+    for start in range(0, len(lengths), effective_batch_size):
+        idx = np.arange(start, min(start + effective_batch_size, len(lengths)))
+        micro = [[pair] for pair in np.array_split(idx, max(1, len(idx) // 2))]
+        steps.append({"micro_batches": micro, "num_samples": len(idx), "num_loss_tokens": int(loss_counts[idx].sum())})
+    return steps
+
+
+def test_sampler_is_swapped_by_replacing_one_function(tmp_path, tiny_model_dir, dataset, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sampler, "plan_epoch", lambda *a: calls.append(a) or simple_plan(*a))
+    cfg = load_config(None, base_args(tiny_model_dir, dataset, tmp_path / "swap", max_steps=2,
+                                      effective_batch_size=8))
+    state = train.train(cfg)
+    rows = metrics(tmp_path / "swap")
+    assert calls and state["global_step"] == 2 and len(rows) == 2
+    assert rows[1]["samples_seen"] == 8 and rows[2]["samples_seen"] == 16
+
+
+def test_mock_data_loss_goes_down_and_checkpoints_load(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "mock"
+    args = [f"model_path={tiny_model_dir}", f"ckpt_output_dir={out}", "mock_data=true", "mock_data_len=32",
+            "mock_data_samples=16", "effective_batch_size=4", "num_epochs=3", "learning_rate=3e-3",
+            "save_samples=24", "dtype=float32", "lr_scheduler=constant", "checkpoint_at_epoch=false"]
+    run_train(args)
+    rows = metrics(out)
+    assert len(rows) == 12 and rows[12]["loss"] < rows[1]["loss"] - 0.5
+    for key in ("step", "epoch", "samples_seen", "loss", "lr", "grad_norm", "num_tokens", "num_loss_tokens",
+                "tokens_per_s", "loss_tokens_per_s", "step_time_s", "peak_memory_gb"):
+        assert key in rows[1]
+    # saves trigger when samples_seen >= last save + save_samples: at 24 and 48 samples seen
+    assert sorted(p.name for p in (out / "hf_format").iterdir()) == ["samples_24", "samples_48"]
+    model = AutoModelForCausalLM.from_pretrained(out / "hf_format" / "samples_48")
+    saved = weights(out, "samples_48")
+    assert torch.equal(model.get_input_embeddings().weight, saved["model.embed_tokens.weight"])
+    assert torch.equal(model.get_output_embeddings().weight, saved["model.embed_tokens.weight"])  # still tied
