@@ -18,6 +18,7 @@ import yaml
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 
 class ConfigError(Exception):
@@ -82,6 +83,7 @@ class Config:
     num_proc: int = 2  # tokenization worker processes
     resume: str = "auto"  # auto (newest complete full state in ckpt_output_dir) | PATH | false
     tensorboard: bool = False
+    profile: str | None = None  # cpu | single-gpu | multi-gpu | auto (from the hardware); see profiles/
 
 
 CHOICES = {
@@ -94,9 +96,9 @@ CHOICES = {
 }
 
 
-def _suggest(key: str, valid: list[str]) -> str:
+def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
 
 
 def _coerce(value, annotation, key: str):
@@ -138,23 +140,28 @@ def _coerce(value, annotation, key: str):
     return value
 
 
-def _apply(obj, updates: dict, prefix: str = ""):
+def _apply(obj, updates: dict, source: str, problems: list[str], prefix: str = ""):
+    """Set keys on a config dataclass; every problem is collected so the user sees all of them at once."""
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in updates.items():
         dotted = prefix + str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}'" + _suggest(str(key), names))
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{dotted}' must be a mapping of its sub-keys, got {value!r}")
-            _apply(current, value, dotted + ".")
+            problems.append(f"{source}: unknown config key '{dotted}'" + _suggest(str(key), names, prefix))
             continue
-        value = _coerce(value, hints[key], dotted)
-        if dotted in CHOICES and value not in CHOICES[dotted]:
-            raise ConfigError(f"config key '{dotted}' must be one of {list(CHOICES[dotted])}, got {value!r}")
-        setattr(obj, key, value)
+        current = getattr(obj, key)
+        try:
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config key '{dotted}' must be a mapping of its sub-keys, got {value!r}")
+                _apply(current, value, source, problems, dotted + ".")
+                continue
+            value = _coerce(value, hints[key], dotted)
+            if dotted in CHOICES and value not in CHOICES[dotted]:
+                raise ConfigError(f"config key '{dotted}' must be one of {list(CHOICES[dotted])}, got {value!r}")
+            setattr(obj, key, value)
+        except ConfigError as e:
+            problems.append(f"{source}: {e}")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -172,22 +179,75 @@ def parse_overrides(items: list[str]) -> dict:
     return nested
 
 
-def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> Config:
-    cfg = Config()
-    if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file '{path}' not found (run from the repo root, or pass --config FILE)")
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of config keys")
-        _apply(cfg, data)
-    if overrides:
-        _apply(cfg, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+def read_yaml(path: str | Path, what: str) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"{what} '{path}' not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys")
+    return data
+
+
+def detect_profile() -> str:
+    """cpu, single-gpu or multi-gpu, from the hardware found."""
+    try:
+        import torch
+        gpus = torch.cuda.device_count()
+    except ImportError:
+        gpus = 0
+    return "cpu" if gpus == 0 else "single-gpu" if gpus == 1 else "multi-gpu"
+
+
+def load_profile(name: str | None) -> dict:
+    """A profile file's sections (train, generate, evaluate); `auto` picks one from the hardware."""
+    if not name or name == "none":
+        return {}
+    name = detect_profile() if name == "auto" else name
+    path = PROFILES_DIR / f"{name}.yaml"
+    if not path.exists():
+        found = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise ConfigError(f"profile '{name}' not found in {PROFILES_DIR}; available: {', '.join(found)} or auto")
+    data = read_yaml(path, "profile")
+    data["name"] = name
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | dict | None = None,
+                profile: str | None = None) -> Config:
+    """Defaults <- profile's train section <- config file <- command-line overrides."""
+    data = read_yaml(path, "config file") if path else {}
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    overrides = overrides or {}
+    chosen = profile or overrides.get("profile") or data.get("profile")
+    cfg, problems = Config(), []
+    profile_data = load_profile(chosen)
+    _apply(cfg, profile_data.get("train") or {}, f"profile {profile_data.get('name')}", problems)
+    _apply(cfg, data, path or "config", problems)
+    _apply(cfg, overrides, "command line", problems)
+    if profile_data:
+        cfg.profile = profile_data["name"]
+    problems += check_combinations(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return cfg
+
+
+def check_combinations(cfg: Config) -> list[str]:
+    """Settings that are valid alone but not together."""
+    problems = []
+    if cfg.lora.quantize_data_type and cfg.lora.rank <= 0:
+        problems.append("lora.quantize_data_type (QLoRA) needs lora.rank > 0")
+    if cfg.max_batch_len < cfg.max_seq_len:
+        problems.append(f"max_batch_len ({cfg.max_batch_len}) must be at least max_seq_len ({cfg.max_seq_len}) "
+                        "so that every kept sample fits in a micro-batch")
+    if cfg.effective_batch_size < 1:
+        problems.append("effective_batch_size must be at least 1")
+    return problems
 
 
 def to_dict(cfg) -> dict:

@@ -25,9 +25,9 @@ import torch.distributed as dist
 import checkpoint
 import sampler
 import sharding
-from config import Config, ConfigError, exit_on_error, load_config, to_dict
+from config import Config, ConfigError, exit_on_error, load_config
 from logger import MetricsLogger
-from model import CausalLMWithLoss, attention_backend, load_model, load_tokenizer, pack, resolve_model_path
+from model import CausalLMWithLoss, attention_backend, load_tokenizer, pack, resolve_model_path
 from tokenize_data import load_tokenized, tokenize_dataset
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
@@ -164,6 +164,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def train(cfg: Config) -> dict:
     rank, world_size, device = setup_distributed()
+    sharding.check_combination(cfg, world_size, device)
     torch.manual_seed(cfg.random_seed)
     if rank == 0:
         resolve_model_path(cfg.model_path)  # the embedded model is exported once, by one process
@@ -174,9 +175,7 @@ def train(cfg: Config) -> dict:
     sampler.check_lengths(data["lengths"], cfg.max_batch_len)
     dtype = compute_dtype(cfg, device)
     attn = attention_backend(device, cfg.disable_flash_attn)
-    lm = load_model(model_path, torch.float32, attn)  # fp32 master weights; compute dtype set below
-    if cfg.lora.rank > 0:
-        lm = sharding.apply_lora(lm, cfg)
+    lm = sharding.load_lm(model_path, cfg, rank, world_size, dtype, attn)  # fp32 master weights
     model, optimizer = sharding.prepare(CausalLMWithLoss(lm), cfg, device, world_size, dtype,
                                         lambda m: build_optimizer(m, cfg, device))
     use_autocast = dtype != torch.float32 and sharding.backend_for(cfg, world_size) == "none"
@@ -273,9 +272,10 @@ def agree(local: bool) -> bool:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune a causal LM (see run.yaml for every key).")
     p.add_argument("--config", default="run.yaml" if os.path.exists("run.yaml") else None)
+    p.add_argument("--profile", help="cpu | single-gpu | multi-gpu | auto (profiles/NAME.yaml, train section)")
     p.add_argument("overrides", nargs="*", help="key=value, dotted for nested keys (lora.rank=8)")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, args.profile)
     try:
         state = train(cfg)
     except TrainingError as e:
