@@ -27,63 +27,63 @@ class ConfigError(Exception):
 
 @dataclass
 class FSDPOptions:
-    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD
-    cpu_offload_params: bool = False
+    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD, SHARD_GRAD_OP, NO_SHARD or HYBRID_SHARD (shard in a node)
+    cpu_offload_params: bool = False  # keep parameters on the CPU between uses (CUDA only)
 
 
 @dataclass
 class DeepSpeedOptions:
-    zero_stage: int = 2
-    cpu_offload_optimizer: bool = False
-    cpu_offload_optimizer_ratio: float = 1.0
-    cpu_offload_optimizer_pin_memory: bool = False
+    zero_stage: int = 2  # ZeRO stage 2 (shard gradients and optimizer) or 3 (also parameters)
+    cpu_offload_optimizer: bool = False  # optimizer state and step on the CPU
+    cpu_offload_optimizer_ratio: float = 1.0  # fraction of the optimizer offloaded
+    cpu_offload_optimizer_pin_memory: bool = False  # pinned host memory for faster transfers
 
 
 @dataclass
 class LoraOptions:
     rank: int = 0  # 0 = full fine-tuning
-    alpha: float = 32.0
-    dropout: float = 0.0
+    alpha: float = 32.0  # scaling numerator: updates are scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the LoRA path
     target_modules: list[str] = field(default_factory=list)  # empty = every linear projection of the decoder
     quantize_data_type: str | None = None  # nf4 = QLoRA
 
 
 @dataclass
 class Config:
-    model_path: str = EMBEDDED_MODEL
-    data_path: str = "data/sample.jsonl"
-    ckpt_output_dir: str = "runs/default"
-    data_output_dir: str = "runs/default/data"
-    chat_tmpl_path: str | None = None
-    max_seq_len: int = 512
+    model_path: str = EMBEDDED_MODEL  # HF folder, hub id, or the embedded SmolLM2-135M-Instruct
+    data_path: str = "data/sample.jsonl"  # messages JSONL
+    ckpt_output_dir: str = "runs/default"  # checkpoints, metrics.jsonl, plots
+    data_output_dir: str = "runs/default/data"  # tokenized arrays (made by train.py when missing or stale)
+    chat_tmpl_path: str | None = None  # Jinja chat template file; default: the tokenizer's own
+    max_seq_len: int = 512  # longer samples are dropped at tokenization, never truncated
     max_batch_len: int = 2048  # tokens per rank per micro-step
-    num_epochs: int = 1
+    num_epochs: int = 1  # passes over the data
     max_steps: int = 0  # > 0 stops after this many optimizer steps
     effective_batch_size: int = 16  # samples per optimizer step, across all ranks
-    learning_rate: float = 2e-5
-    lr_scheduler: str = "cosine"  # constant | linear | cosine
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    max_grad_norm: float = 1.0
-    random_seed: int = 42
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    gradient_checkpointing: bool = False
-    disable_flash_attn: bool = False
+    learning_rate: float = 2e-5  # peak learning rate of AdamW
+    lr_scheduler: str = "cosine"  # constant, linear or cosine decay after warmup
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0
+    weight_decay: float = 0.0  # AdamW decay on matrices (not on norms and biases)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
+    random_seed: int = 42  # data order and initialization
+    dtype: str = "auto"  # compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward to save memory
+    disable_flash_attn: bool = False  # use sdpa with a block mask even where flash-attn is installed
     save_samples: int = 0  # 0 = no mid-epoch HF checkpoints
-    checkpoint_at_epoch: bool = True
-    keep_last_checkpoint_only: bool = False
-    mock_data: bool = False
-    mock_data_len: int = 256
-    mock_data_samples: int = 512
-    distributed_backend: str = "fsdp"  # fsdp | deepspeed | none (more than one process defaults to fsdp)
+    checkpoint_at_epoch: bool = True  # an HF checkpoint at every epoch end
+    keep_last_checkpoint_only: bool = False  # one HF folder, hf_format/last_epoch, replaced each save
+    mock_data: bool = False  # random tokens instead of data_path (benchmarks, smoke tests)
+    mock_data_len: int = 256  # tokens per mock sample
+    mock_data_samples: int = 512  # number of mock samples
+    distributed_backend: str = "fsdp"  # fsdp, deepspeed, or none; used when more than one process runs
     fsdp_options: FSDPOptions = field(default_factory=FSDPOptions)
     deepspeed_options: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
     num_proc: int = 2  # tokenization worker processes
-    resume: str = "auto"  # auto (newest complete full state in ckpt_output_dir) | PATH | false
-    tensorboard: bool = False
-    profile: str | None = None  # cpu | single-gpu | multi-gpu | auto (from the hardware); see profiles/
+    resume: str = "auto"  # auto (newest complete full state in ckpt_output_dir), a PATH, or false
+    tensorboard: bool = False  # also write TensorBoard events under ckpt_output_dir/tensorboard
+    profile: str | None = None  # cpu, single-gpu, multi-gpu, or auto (from the hardware); see profiles/
 
 
 CHOICES = {
@@ -276,3 +276,27 @@ def exit_on_error(fn):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def reference_markdown() -> str:
+    """The config reference for the README, generated from the dataclasses and their comments."""
+    import inspect
+    import re
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(cls, prefix=""):
+        comments = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M))
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+                continue
+            kind = getattr(hints[f.name], "__name__", str(hints[f.name])).replace("typing.", "").replace("|", "or")
+            rows.append(f"| `{prefix}{f.name}` | {kind} | `{default}` | {comments.get(f.name, '')} |")
+    walk(Config)
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

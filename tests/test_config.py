@@ -48,3 +48,8 @@ def test_cli_reports_config_errors_without_traceback():
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "did you mean 'learning_rate'" in r.stderr and "lora.rank" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_readme_config_reference_is_generated_from_the_schema():
+    from config import reference_markdown
+    assert reference_markdown() in (ROOT / "README.md").read_text()

@@ -167,3 +167,24 @@ def test_mock_data_loss_goes_down_and_checkpoints_load(tmp_path, tiny_model_dir)
     saved = weights(out, "samples_48")
     assert torch.equal(model.get_input_embeddings().weight, saved["model.embed_tokens.weight"])
     assert torch.equal(model.get_output_embeddings().weight, saved["model.embed_tokens.weight"])  # still tied
+
+
+def test_optimizer_and_loss_are_swapped_by_editing_one_function(tmp_path, tiny_model_dir, dataset, monkeypatch):
+    import model
+    used = {"optimizer": 0, "loss": 0}
+    plain_loss = model.loss_fn
+
+    def sgd(m, cfg, device):
+        used["optimizer"] += 1
+        return torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=cfg.learning_rate)
+
+    def doubled_loss(*args, **kwargs):
+        used["loss"] += 1
+        return 2 * plain_loss(*args, **kwargs)
+    monkeypatch.setattr(train, "build_optimizer", sgd)
+    monkeypatch.setattr(model, "loss_fn", doubled_loss)
+    train.train(load_config(None, base_args(tiny_model_dir, dataset, tmp_path / "swap", max_steps=1)))
+    swapped = metrics(tmp_path / "swap")[1]
+    run_train(base_args(tiny_model_dir, dataset, tmp_path / "plain", max_steps=1))
+    assert used["optimizer"] == 1 and used["loss"] >= 1
+    assert swapped["loss"] == pytest.approx(2 * metrics(tmp_path / "plain")[1]["loss"], rel=1e-5)
