@@ -48,7 +48,15 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         # torchrun pins every process to one thread; share the cores instead
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # after a torchrun restart the agent's store still holds the dead workers' addresses; key by attempt
+            store = dist.PrefixStore(f"minilab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                                     dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                                   world_size, is_master=False))
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size)
+        else:
+            dist.init_process_group(backend)
     return (dist.get_rank() if dist.is_initialized() else 0), world_size, device
 
 
@@ -124,7 +132,7 @@ def train_step(model, optimizer, step: dict, data: dict, rank: int, world_size: 
     tokens because the gradient reduction averages over ranks."""
     loss_scale = world_size / step["num_loss_tokens"]
     device, attn = ctx["device"], ctx["attn"]
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: one host sync per step
     tokens = 0
     micro_batches = step["micro_batches"]
     for m, per_rank in enumerate(micro_batches):
@@ -136,7 +144,7 @@ def train_step(model, optimizer, step: dict, data: dict, rank: int, world_size: 
         with ctx["autocast"]:
             loss = model(**batch, loss_scale=loss_scale)
         sharding.backward(model, loss)
-        loss_sum += loss.detach().double().cpu()
+        loss_sum += loss.detach().double()
     totals = torch.tensor([loss_sum.item(), tokens], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(totals)
@@ -151,8 +159,10 @@ def train_step(model, optimizer, step: dict, data: dict, rank: int, world_size: 
 def model_flops(lm, lengths: list[int]) -> float:
     """Training FLOPs (6 per parameter per token, plus causal attention per sample) for MFU."""
     cfg = lm.config
-    n = sum(p.numel() for p in lm.parameters()) - lm.get_input_embeddings().weight.numel() \
-        + lm.get_output_embeddings().weight.numel()
+    def numel(p):  # ZeRO-3 leaves only this rank's partition in p; ds_numel is the whole
+        return getattr(p, "ds_numel", p.numel())
+    n = sum(numel(p) for p in lm.parameters()) - numel(lm.get_input_embeddings().weight) \
+        + numel(lm.get_output_embeddings().weight)
     return 6 * n * sum(lengths) + 6 * cfg.num_hidden_layers * cfg.hidden_size * sum(x * x for x in lengths)
 
 
