@@ -188,3 +188,24 @@ def test_optimizer_and_loss_are_swapped_by_editing_one_function(tmp_path, tiny_m
     run_train(base_args(tiny_model_dir, dataset, tmp_path / "plain", max_steps=1))
     assert used["optimizer"] == 1 and used["loss"] >= 1
     assert swapped["loss"] == pytest.approx(2 * metrics(tmp_path / "plain")[1]["loss"], rel=1e-5)
+
+
+def test_non_finite_loss_stops_before_the_update_and_logs_plot(tmp_path, tiny_model_dir, dataset, monkeypatch):
+    import logger
+    import model
+    out = tmp_path / "nan"
+    args = base_args(tiny_model_dir, dataset, out, effective_batch_size=8, save_samples=8, tensorboard="true")
+    plain_loss = model.loss_fn
+
+    def nan_on_third_step(*a, **k):
+        done = len(metrics(out)) if (out / "metrics.jsonl").exists() else 0
+        return plain_loss(*a, **k) * (float("nan") if done >= 2 else 1.0)
+    monkeypatch.setattr(model, "loss_fn", nan_on_third_step)
+    with pytest.raises(train.TrainingError, match="loss is nan"):
+        train.train(load_config(None, args))
+    assert len(metrics(out)) == 2
+    saved = sorted(p.name for p in (out / "full_state").iterdir())
+    assert saved == ["step_00000001", "step_00000002"]  # the failed step saved nothing
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    png = logger.plot(str(out))
+    assert png.exists() and png.stat().st_size > 10_000
