@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
-    set_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+import sharding
 from config import ConfigError
 
 # Keys whose change makes a saved state meaningless for this run.
@@ -65,16 +65,20 @@ def save_hf(model, tokenizer, out_dir: str, name: str):
     final = Path(out_dir) / "hf_format" / name
     if _rank() == 0:
         check_free_space(final.parent, _model_bytes(model) * 2)
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    lm = model.lm if hasattr(model, "lm") else model.module.lm
+    quantized = getattr(lm, "is_loaded_in_4bit", False)
+    state = sharding.dequantized_state(lm) if quantized else sharding.full_model_state(model)
     if _rank() == 0:
         state = {k.removeprefix("lm."): v for k, v in state.items()}
         tmp = final.with_name(f".{name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        lm = model.lm if hasattr(model, "lm") else model.module.lm
         plain = _cpu_copy(lm, state)
         if hasattr(plain, "peft_config"):
             plain.save_pretrained(tmp / "adapter")
-            plain = plain.merge_and_unload()
+            # safe_merge adds into a copy: the base tensors may be the live model's (one process, ZeRO-2)
+            plain = plain.merge_and_unload(safe_merge=True)
+            if quantized:  # QLoRA: merged into the dequantized base; must still match the adapter model
+                sharding.check_merge(lm, plain, plain.config.vocab_size)
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _replace_dir(tmp, final)
@@ -87,6 +91,8 @@ def _cpu_copy(lm, state: dict):
     from transformers import AutoModelForCausalLM
     is_peft = hasattr(lm, "peft_config")
     base_config = copy.deepcopy((lm.get_base_model() if is_peft else lm).config)
+    if hasattr(base_config, "quantization_config"):  # QLoRA: the saved weights are dequantized
+        del base_config.quantization_config
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(base_config, dtype=next(iter(state.values())).dtype)
     if is_peft:
@@ -117,8 +123,11 @@ def save_full_state(model, optimizer, scheduler, out_dir: str, trainer_state: di
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    if sharding.is_deepspeed(model):  # the engine's own format: ZeRO partitions of model and optimizer per rank
+        model.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -156,10 +165,13 @@ def load_full_state(path: Path, model, optimizer, scheduler, expected_fingerprin
     if differ:
         raise ConfigError(f"cannot resume from {path}: " + "; ".join(differ) +
                           ". Use the original settings, a new ckpt_output_dir, or resume=false to start fresh")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    if sharding.is_deepspeed(model):
+        model.load_checkpoint(str(path), tag="deepspeed", load_lr_scheduler_states=False)
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        sd = {"model": model_sd, "optim": optim_sd}
+        dcp.load(sd, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     scheduler.load_state_dict(state.pop("scheduler"))
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.exists():  # absent when resuming on more ranks than saved

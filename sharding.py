@@ -1,8 +1,11 @@
 """How the model is spread over processes: FSDP2, DeepSpeed ZeRO or a single process, with optional LoRA/QLoRA.
 
-train.py only calls prepare(), backward(), optimizer_step() and set_grad_sync(); each backend lives here.
+train.py calls check_combination(), load_lm(), prepare(), set_grad_sync(), backward() and optimizer_step();
+checkpoint.py calls full_model_state() and is_deepspeed(). Each backend lives here, top to bottom.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -18,6 +21,68 @@ def backend_for(cfg: Config, world_size: int) -> str:
     return cfg.distributed_backend if world_size > 1 else "none"
 
 
+def check_combination(cfg: Config, world_size: int, device: torch.device):
+    """Refuse, before anything loads, every setting combination that cannot work; all problems in one message."""
+    import importlib.util
+    backend = "none" if world_size == 1 else cfg.distributed_backend
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    ds, lora = cfg.deepspeed_options, cfg.lora
+    problems = []
+    if world_size > 1 and cfg.distributed_backend == "none":
+        problems.append("distributed_backend=none runs one process, but this run has "
+                        f"{world_size}: use distributed_backend=fsdp or deepspeed, or start one process")
+    if lora.quantize_data_type and world_size > 1:
+        problems.append(f"QLoRA (lora.quantize_data_type={lora.quantize_data_type}) runs in one process: "
+                        f"{backend} cannot shard bitsandbytes 4-bit weights; start one process, or drop "
+                        "lora.quantize_data_type to train plain LoRA on several")
+    if lora.quantize_data_type and not importlib.util.find_spec("bitsandbytes"):
+        problems.append("QLoRA needs bitsandbytes: pip install bitsandbytes")
+    if backend == "fsdp" and cfg.fsdp_options.cpu_offload_params and device.type == "cpu":
+        problems.append("fsdp_options.cpu_offload_params moves parameters from the GPU to the CPU, but this run "
+                        "is on the CPU already: set fsdp_options.cpu_offload_params=false")
+    if backend == "fsdp" and cfg.fsdp_options.sharding_strategy == "HYBRID_SHARD" and world_size % local:
+        problems.append(f"HYBRID_SHARD needs the same number of processes on every node, but the world size "
+                        f"{world_size} is not a multiple of LOCAL_WORLD_SIZE {local}: start --nproc-per-node "
+                        "processes on each node, or use FULL_SHARD")
+    if backend == "deepspeed":
+        if not importlib.util.find_spec("deepspeed"):
+            problems.append("distributed_backend=deepspeed needs DeepSpeed: pip install deepspeed "
+                            "(or use distributed_backend=fsdp)")
+        if ds.cpu_offload_optimizer and device.type == "cpu":
+            problems.append("deepspeed_options.cpu_offload_optimizer moves optimizer state from the GPU to the "
+                            "CPU, but this run is on the CPU already: set it to false")
+        if not 0.0 < ds.cpu_offload_optimizer_ratio <= 1.0:
+            problems.append(f"deepspeed_options.cpu_offload_optimizer_ratio must be in (0, 1], got "
+                            f"{ds.cpu_offload_optimizer_ratio}")
+        elif ds.cpu_offload_optimizer_ratio < 1.0 and ds.zero_stage != 3:
+            problems.append("deepspeed_options.cpu_offload_optimizer_ratio < 1 (partial offload) needs ZeRO "
+                            "stage 3: set deepspeed_options.zero_stage=3 or the ratio to 1.0")
+    if problems:
+        raise ConfigError("this combination of settings cannot work:\n  - " + "\n  - ".join(problems))
+
+
+def load_lm(model_path: str, cfg: Config, rank: int, world_size: int, compute_dtype: torch.dtype, attn: str):
+    """The HF model (peft-wrapped for LoRA), fp32 master weights. Under FSDP only rank 0 reads the weights; the
+    others hold meta parameters that prepare() fills by broadcast, so host memory does not grow per process."""
+    from model import check_packing_support, load_model
+    if backend_for(cfg, world_size) == "fsdp" and rank != 0:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+        with init_empty_weights(include_buffers=False):  # buffers such as rotary tables stay real
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=torch.float32,
+                                                  attn_implementation=attn)
+        lm.tie_weights()  # init_empty_weights unties the output head from the embedding
+        check_packing_support(lm.config)
+    else:
+        quantization = None
+        if cfg.lora.quantize_data_type == "nf4":
+            from transformers import BitsAndBytesConfig
+            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+        lm = load_model(model_path, torch.float32, attn, quantization_config=quantization)
+    return apply_lora(lm, cfg) if cfg.lora.rank > 0 else lm
+
+
 def apply_lora(lm, cfg: Config):
     """Wrap the model with peft LoRA adapters; only they train."""
     from peft import LoraConfig, get_peft_model
@@ -31,50 +96,98 @@ def apply_lora(lm, cfg: Config):
 
 
 def prepare(model, cfg: Config, device: torch.device, world_size: int, compute_dtype: torch.dtype, make_optimizer):
-    """Shard or place the model (a model.CausalLMWithLoss), then build the optimizer on what each rank holds."""
+    """Shard or place the model (a model.CausalLMWithLoss), then build the optimizer on what each rank holds.
+    Returns (model, optimizer); under DeepSpeed the model is its engine and the optimizer the torch one inside,
+    which the LR scheduler drives."""
     backend = backend_for(cfg, world_size)
-    if cfg.gradient_checkpointing:
+    model.train()  # HF loads in eval mode: LoRA dropout would be off and bitsandbytes would repack 4-bit weights
+    if cfg.gradient_checkpointing:  # per decoder layer
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if backend == "fsdp":
         shard_fsdp2(model, cfg, device, world_size, compute_dtype)
+    elif backend == "deepspeed":
+        return init_deepspeed(model, cfg, device, compute_dtype, make_optimizer)
     else:
         model.to(device)
     return model, make_optimizer(model)
 
 
 def shard_fsdp2(model, cfg: Config, device: torch.device, world_size: int, compute_dtype: torch.dtype):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     strategy = cfg.fsdp_options.sharding_strategy
     if strategy == "NO_SHARD":  # replicate everywhere: a 2-D mesh whose shard dimension has size 1
         mesh = init_device_mesh(device.type, (world_size, 1), mesh_dim_names=("replicate", "shard"))
     elif strategy == "HYBRID_SHARD":  # shard inside a node, replicate across nodes
-        local = int(__import__("os").environ.get("LOCAL_WORLD_SIZE", world_size))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         mesh = init_device_mesh(device.type, (world_size // local, local), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device.type, (world_size,))
+    offload = cfg.fsdp_options.cpu_offload_params
     kwargs = {"mesh": mesh, "reshard_after_forward": STRATEGY_RESHARD[strategy],
               "mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32),
-              "offload_policy": CPUOffloadPolicy() if cfg.fsdp_options.cpu_offload_params else OffloadPolicy()}
-    if not cfg.fsdp_options.cpu_offload_params:
-        model.to(device)
+              "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
+    full_state = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's weights, kept for the broadcast
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     for layer in model.lm.get_decoder().layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    model.to_empty(device=device)  # this rank's shards, filled from rank 0 below
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if offload:  # NCCL broadcasts GPU tensors only; CPUOffloadPolicy then wants the shards on the CPU
+        model.to("cpu")
+
+
+def init_deepspeed(model, cfg: Config, device: torch.device, compute_dtype: torch.dtype, make_optimizer):
+    os.environ.setdefault("DS_ACCELERATOR", device.type)  # CPU runs use DeepSpeed's CPU accelerator and gloo
+    import deepspeed
+    ds = cfg.deepspeed_options
+    zero = {"stage": ds.zero_stage}
+    if ds.cpu_offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": ds.cpu_offload_optimizer_pin_memory,
+                                     "ratio": ds.cpu_offload_optimizer_ratio}
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,  # train.py sets boundaries
+              "gradient_clipping": cfg.max_grad_norm if cfg.max_grad_norm > 0 else 0.0,
+              "zero_optimization": zero, "bf16": {"enabled": compute_dtype == torch.bfloat16},
+              "fp16": {"enabled": compute_dtype == torch.float16},
+              "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+              "steps_per_print": 2**31 - 1}
+    model.to(device)
+    optimizer = make_optimizer(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if ds.zero_stage == 3:  # loss_fn reads the output head's weight outside lm_head's forward: gather it too
+        deepspeed.zero.register_external_parameter(engine.module, model.lm.get_output_embeddings().weight)
+    return engine, optimizer
+
+
+def is_deepspeed(model) -> bool:
+    return hasattr(model, "set_gradient_accumulation_boundary")
 
 
 def set_grad_sync(model, sync: bool):
-    """Skip the gradient reduction on all but the last micro-step of an optimizer step."""
-    if hasattr(model, "set_requires_gradient_sync"):
+    """Skip the gradient reduction (and, under DeepSpeed, the step) on all but the last micro-step."""
+    if is_deepspeed(model):
+        model.set_gradient_accumulation_boundary(sync)
+    elif hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(sync)
 
 
 def backward(model, loss: torch.Tensor):
-    loss.backward()
+    if is_deepspeed(model):
+        model.backward(loss)
+    else:
+        loss.backward()
 
 
 def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
     """Clip, step, zero; returns the global gradient norm before clipping."""
+    if is_deepspeed(model):  # the engine clips (gradient_clipping), steps and zeroes
+        model.step()
+        return float(model.get_global_grad_norm())
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
@@ -82,6 +195,57 @@ def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
+
+
+def full_model_state(model) -> dict | None:
+    """The whole model's state dict on CPU on rank 0 (None elsewhere), keys as in model.CausalLMWithLoss.
+    Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if is_deepspeed(model):
+        if model.zero_optimization_partition_weights():  # ZeRO-3
+            return model._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach().cpu() for k, v in model.module.state_dict().items()} if rank == 0 else None
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if rank == 0 else None
+
+
+def dequantized_state(lm) -> dict:
+    """A QLoRA model's state with every bitsandbytes 4-bit weight dequantized, so the merge is made against the
+    base the adapter was trained with, and saved as a normal floating-point model."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    state = {}
+    for name, module in lm.named_modules():
+        for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if isinstance(module, bnb.nn.Linear4bit) and pname == "weight":
+                p = bnbf.dequantize_4bit(p.data, p.quant_state).float()
+            state[f"{name}.{pname}" if name else pname] = p.detach().cpu()
+    return state
+
+
+def check_merge(adapter_lm, merged, vocab_size: int, atol: float = 1e-3):
+    """The merged model must give the adapter model's logits; a bad merge fails here, not in deployment."""
+    for name, buf in adapter_lm.get_base_model().named_buffers():  # rotary tables are not in a state dict
+        module, _, leaf = name.rpartition(".")
+        if getattr(merged.get_submodule(module), leaf).is_meta:
+            merged.get_submodule(module).register_buffer(leaf, buf.detach().cpu(), persistent=False)
+    ids = torch.arange(min(32, vocab_size))[None]
+    device = next(adapter_lm.parameters()).device
+    was_training = adapter_lm.training
+    adapter_lm.eval()  # no dropout in the comparison
+    for module in adapter_lm.modules():  # in eval mode bitsandbytes repacks 4-bit weights for a bf16 CPU kernel
+        if type(module).__name__ == "Linear4bit" and module.__module__.startswith("bitsandbytes"):
+            module.train()
+    with torch.no_grad():
+        want = adapter_lm(input_ids=ids.to(device)).logits.float().cpu()
+        got = merged(input_ids=ids).logits.float()
+    adapter_lm.train(was_training)
+    err = (want - got).abs().max().item()
+    if err > atol * max(1.0, want.abs().max().item()):
+        raise RuntimeError(f"merged LoRA model differs from the adapter model: max logit difference {err:.3g}")
+    print(f"merged model matches the adapter model: max logit difference {err:.2g}", flush=True)
+    return err
 
 
 def barrier():

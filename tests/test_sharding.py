@@ -1,0 +1,251 @@
+"""Backends on real processes (gloo, 2 ranks, tiny Llama with the real tokenizer): one optimizer step gives the same
+weights under none, FSDP2 (every strategy, 2 nodes over loopback) and DeepSpeed ZeRO-2/3; LoRA and QLoRA train and
+merge; refused combinations say why."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, write_jsonl
+from safetensors.torch import load_file
+
+import sharding
+from config import ConfigError, load_config
+from tokenize_data import tokenize_dataset
+
+TOPICS = ["the sea", "a red bicycle", "prime numbers", "bread", "the moon", "winter", "trains", "a library",
+          "coffee", "rivers", "music", "chess", "gardens", "clouds", "mountains", "robots"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tiny_model_dir):
+    """32 short conversations: two optimizer steps of 16 samples per epoch."""
+    d = tmp_path_factory.mktemp("shard_data")
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about {t}." + " Please." * (k % 4)},
+                          {"role": "assistant", "content": f"Here is a fact about {t}. " * (1 + k % 5)}]}
+            for k, t in enumerate(TOPICS * 2)]
+    src = write_jsonl(d / "train.jsonl", rows)
+    tokenize_dataset(src, tiny_model_dir, str(d / "tok"), 256)
+    return {"data_path": src, "data_output_dir": str(d / "tok")}
+
+
+def args_for(model_dir, dataset, out_dir, **extra):
+    args = {"model_path": model_dir, **dataset, "ckpt_output_dir": str(out_dir), "max_seq_len": 256,
+            "effective_batch_size": 16, "learning_rate": 1e-3, "lr_scheduler": "constant", "max_batch_len": 300,
+            "num_epochs": 1, "checkpoint_at_epoch": False, "keep_last_checkpoint_only": True, "random_seed": 5,
+            "dtype": "float32", "num_proc": 1, "max_steps": 1}
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def communicate(procs, timeout=400):
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout))
+    finally:
+        for p in procs:
+            if p.poll() is None:  # torchrun's workers would outlive a plain kill
+                os.killpg(p.pid, signal.SIGKILL)
+    return outs
+
+
+def run(args, nproc=1, check=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    proc = subprocess.Popen([*launcher, "train.py", "--config", "", *args], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    (out, err), = communicate([proc])
+    if check:
+        assert proc.returncode == 0, out[-3000:] + err[-6000:]
+    return proc.returncode, out, err
+
+
+def metrics(out_dir):
+    return {r["step"]: r for r in map(json.loads, open(os.path.join(out_dir, "metrics.jsonl")))}
+
+
+def hf(out_dir, name="last_epoch", file="model.safetensors"):
+    return load_file(os.path.join(out_dir, "hf_format", name, file))
+
+
+def assert_close(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
+
+
+def assert_same_step(out_dir, ref_dir, ref_name="samples_16", step=1):
+    got, want = metrics(out_dir)[step], metrics(ref_dir)[step]
+    assert got["num_tokens"] == want["num_tokens"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    assert_close(hf(out_dir), hf(ref_dir, ref_name))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, dataset):
+    """One process, no sharding: HF folders after step 1 (samples_16) and step 2 (samples_32)."""
+    out = tmp_path_factory.mktemp("ref")
+    run(args_for(tiny_model_dir, dataset, out, max_steps=2, save_samples=16, keep_last_checkpoint_only=False))
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any(not torch.equal(start[k], v) for k, v in hf(out, "samples_16").items())  # the step moved weights
+    return out
+
+
+@pytest.mark.parametrize("backend", ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "zero2"])
+def test_one_step_matches_single_process(tmp_path, tiny_model_dir, dataset, reference, backend):
+    extra = {"distributed_backend": "deepspeed", "deepspeed_options.zero_stage": backend[-1]} \
+        if backend.startswith("zero") else {"fsdp_options.sharding_strategy": backend}
+    run(args_for(tiny_model_dir, dataset, tmp_path, **extra), nproc=2)
+    assert_same_step(tmp_path, reference)
+
+
+def test_deepspeed_zero3_one_step_matches_then_resumes_from_its_own_checkpoint(tmp_path, tiny_model_dir, dataset,
+                                                                               reference):
+    common = {"distributed_backend": "deepspeed", "deepspeed_options.zero_stage": 3}
+    run(args_for(tiny_model_dir, dataset, tmp_path, **common), nproc=2)
+    assert_same_step(tmp_path, reference)
+    assert (tmp_path / "full_state" / "step_00000001" / "deepspeed").is_dir()
+    _, out, _ = run(args_for(tiny_model_dir, dataset, tmp_path, max_steps=2, **common), nproc=2)
+    assert "resumed from" in out and sorted(metrics(tmp_path)) == [1, 2]
+    assert_same_step(tmp_path, reference, "samples_32", step=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_over_loopback_hybrid_shard(tmp_path, tiny_model_dir, dataset, reference):
+    """2 nodes x 1 process, rendezvous on 127.0.0.1: HYBRID_SHARD shards inside a node, replicates across."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = args_for(tiny_model_dir, dataset, tmp_path, **{"fsdp_options.sharding_strategy": "HYBRID_SHARD"})
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               f"--node-rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                               "--rdzv-id=minilab-test", "--local-addr=127.0.0.1", "train.py", "--config", "",
+                               *args], cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, start_new_session=True) for node in (0, 1)]
+    outs = communicate(procs)
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:] + err[-6000:]
+    assert_same_step(tmp_path, reference)
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory, tiny_model_dir, dataset):
+    """LoRA in one process for 4 steps (2 epochs), an HF folder after each step."""
+    out = tmp_path_factory.mktemp("lora_ref")
+    run(args_for(tiny_model_dir, dataset, out, max_steps=4, num_epochs=2, save_samples=16, learning_rate=1e-2,
+                 keep_last_checkpoint_only=False, **{"lora.rank": 8, "lora.alpha": 16}))
+    return out
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_lora_lowers_loss_and_merged_model_matches_adapter(tiny_model_dir, lora_reference):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    rows = metrics(lora_reference)
+    assert rows[4]["loss"] < rows[1]["loss"] - 0.1
+    folder = lora_reference / "hf_format" / "samples_64"
+    adapter_cfg = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    targets = adapter_cfg["target_modules"]  # peft saves "all-linear" resolved to module names
+    assert adapter_cfg["r"] == 8 and len(targets) == 2 * 7 and {t.rsplit(".", 1)[-1] for t in targets} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    ids = torch.arange(100, 140)[None]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base_logits = logits(base, ids)
+    adapted = PeftModel.from_pretrained(base, folder / "adapter").eval()  # wraps base in place
+    merged = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert (logits(merged, ids) - base_logits).abs().max() > 1e-3  # the adapter changed the model
+    torch.testing.assert_close(logits(merged, ids), logits(adapted, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["FULL_SHARD", "zero3"])
+def test_lora_one_step_matches_single_process(tmp_path, tiny_model_dir, dataset, lora_reference, backend):
+    extra = {"distributed_backend": "deepspeed", "deepspeed_options.zero_stage": backend[-1]} \
+        if backend.startswith("zero") else {"fsdp_options.sharding_strategy": backend}
+    run(args_for(tiny_model_dir, dataset, tmp_path, learning_rate=1e-2, **{"lora.rank": 8, "lora.alpha": 16},
+                 **extra), nproc=2)
+    assert_same_step(tmp_path, lora_reference)
+    got = hf(tmp_path, file="adapter/adapter_model.safetensors")
+    want = hf(lora_reference, "samples_16", "adapter/adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:  # per tensor: Adam's first step turns a gradient element near its eps into a visible one
+        assert torch.linalg.norm(got[k] - want[k]) <= 1e-3 * torch.linalg.norm(want[k]), k
+
+
+def test_qlora_nf4_lowers_loss_and_merges_against_dequantized_base(tmp_path, tiny_model_dir, dataset):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    _, out, _ = run(args_for(tiny_model_dir, dataset, tmp_path, max_steps=4, num_epochs=2, learning_rate=1e-2,
+                             **{"lora.rank": 8, "lora.alpha": 16, "lora.quantize_data_type": "nf4"}))
+    rows = metrics(tmp_path)
+    assert rows[4]["loss"] < rows[1]["loss"] - 0.1
+    assert "merged model matches the adapter model" in out
+    folder = tmp_path / "hf_format" / "last_epoch"
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    quantized = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32))
+    adapted = PeftModel.from_pretrained(quantized, folder / "adapter").train()  # train(): bnb's training layout
+    ids = torch.arange(100, 140)[None]
+    torch.testing.assert_close(logits(merged, ids), logits(adapted, ids), atol=1e-4, rtol=1e-4)
+
+
+REFUSED = [
+    (2, {"lora": {"rank": 8, "quantize_data_type": "nf4"}}, "cannot shard bitsandbytes 4-bit weights"),
+    (2, {"lora": {"rank": 8, "quantize_data_type": "nf4"}, "distributed_backend": "deepspeed"},
+     "deepspeed cannot shard bitsandbytes"),
+    (2, {"fsdp_options": {"cpu_offload_params": True}}, "on the CPU already: set fsdp_options.cpu_offload_params"),
+    (3, {"fsdp_options": {"sharding_strategy": "HYBRID_SHARD"}}, "not a multiple of LOCAL_WORLD_SIZE 2"),
+    (2, {"distributed_backend": "deepspeed", "deepspeed_options": {"cpu_offload_optimizer": True}},
+     "cpu_offload_optimizer moves optimizer state"),
+    (2, {"distributed_backend": "deepspeed", "deepspeed_options": {"cpu_offload_optimizer_ratio": 0.5}},
+     "needs ZeRO stage 3"),
+    (2, {"distributed_backend": "deepspeed", "deepspeed_options": {"cpu_offload_optimizer_ratio": 1.5}},
+     "must be in (0, 1]"),
+    (2, {"distributed_backend": "none"}, "distributed_backend=none runs one process"),
+]
+
+
+@pytest.mark.parametrize("world_size,settings,message", REFUSED)
+def test_refused_combination_says_why(monkeypatch, world_size, settings, message):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="cannot work") as e:
+        sharding.check_combination(load_config(None, settings), world_size, torch.device("cpu"))
+    assert message in str(e.value)
+
+
+def test_all_problems_listed_at_once():
+    cfg = load_config(None, {"lora": {"rank": 8, "quantize_data_type": "nf4"},
+                             "fsdp_options": {"cpu_offload_params": True}})
+    with pytest.raises(ConfigError) as e:
+        sharding.check_combination(cfg, 2, torch.device("cpu"))
+    assert "bitsandbytes" in str(e.value) and "cpu_offload_params" in str(e.value)
+
+
+def test_refusal_at_start_of_a_real_run(tmp_path, tiny_model_dir, dataset):
+    code, out, err = run(args_for(tiny_model_dir, dataset, tmp_path, **{"lora.rank": 8,
+                                                                        "lora.quantize_data_type": "nf4"}),
+                         nproc=2, check=False)
+    assert code != 0 and "error: this combination of settings cannot work" in err
+    assert "cannot shard bitsandbytes 4-bit weights" in err and "[rank0]: Traceback" not in err
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before anything ran
+
+
+def test_qlora_without_lora_rank_refused_when_config_loads():
+    with pytest.raises(ConfigError, match=r"quantize_data_type \(QLoRA\) needs lora.rank > 0"):
+        load_config(None, {"lora": {"quantize_data_type": "nf4"}})
