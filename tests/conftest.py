@@ -49,3 +49,20 @@ def write_jsonl(path, rows):
         for r in rows:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return str(path)
+
+
+TOPICS = ["the sea", "a red bicycle", "prime numbers", "bread", "the moon", "winter", "trains", "a library",
+          "coffee", "rivers", "music", "chess", "gardens", "clouds", "mountains", "robots"]
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, tiny_model_dir):
+    """32 short conversations of varied length, tokenized once for every training run of the session."""
+    from tokenize_data import tokenize_dataset
+    d = tmp_path_factory.mktemp("chat_data")
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about {t}." + " Please." * (k % 4)},
+                          {"role": "assistant", "content": f"Here is a fact about {t}. " * (1 + k % 5)}]}
+            for k, t in enumerate(TOPICS * 2)]
+    src = write_jsonl(d / "train.jsonl", rows)
+    tokenize_dataset(src, tiny_model_dir, str(d / "tok"), 256)
+    return {"data_path": src, "data_output_dir": str(d / "tok")}

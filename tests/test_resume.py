@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT
-from test_train import base_args, dataset, metrics, run_train, weights  # noqa: F401 (dataset is a fixture)
+from test_train import base_args, metrics, run_train, weights
 
 import checkpoint
 from config import ConfigError
@@ -24,7 +24,7 @@ def wait_for(predicate, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_model_dir, dataset):  # noqa: F811
+def uninterrupted(tmp_path_factory, tiny_model_dir, dataset):
     out = tmp_path_factory.mktemp("full")
     run_train(base_args(tiny_model_dir, dataset, out, **COMMON))
     return out
@@ -38,7 +38,7 @@ def assert_same_as(reference, out):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path, tiny_model_dir, dataset, uninterrupted):  # noqa: F811
+def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path, tiny_model_dir, dataset, uninterrupted):
     out = tmp_path / "preempted"
     args = base_args(tiny_model_dir, dataset, out, **{**COMMON, "save_samples": 0})  # only the stop saves
     proc = run_train(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -53,7 +53,7 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path, tiny_model_
     assert_same_as(uninterrupted, out)
 
 
-def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path, tiny_model_dir, dataset):  # noqa: F811
+def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path, tiny_model_dir, dataset):
     out = tmp_path / "usr1"
     proc = run_train(base_args(tiny_model_dir, dataset, out, **{**COMMON, "save_samples": 0}), nproc=2,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -66,7 +66,7 @@ def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path, tiny_model_dir, dataset):
     assert len(list((out / "full_state").glob("step_*"))) == 1
 
 
-def test_kill_during_save_keeps_the_last_good_state(tmp_path, tiny_model_dir, dataset, uninterrupted):  # noqa: F811
+def test_kill_during_save_keeps_the_last_good_state(tmp_path, tiny_model_dir, dataset, uninterrupted):
     out = tmp_path / "midsave"
     args = base_args(tiny_model_dir, dataset, out, **COMMON)
     proc = run_train(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -83,7 +83,7 @@ def test_kill_during_save_keeps_the_last_good_state(tmp_path, tiny_model_dir, da
     assert_same_as(uninterrupted, out)
 
 
-def test_a_crashing_rank_restarts_and_resumes_under_max_restarts(tmp_path, tiny_model_dir, dataset, uninterrupted):  # noqa: F811
+def test_a_crashing_rank_restarts_and_resumes_under_max_restarts(tmp_path, tiny_model_dir, dataset, uninterrupted):
     out = tmp_path / "elastic"
     env = {**os.environ, "CRASH_MARKER": str(tmp_path / "crashed"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
@@ -103,7 +103,7 @@ def test_a_crashing_rank_restarts_and_resumes_under_max_restarts(tmp_path, tiny_
     assert_same_as(ref, out)
 
 
-def test_resume_refuses_other_data_and_model(tmp_path, tiny_model_dir, dataset):  # noqa: F811
+def test_resume_refuses_other_data_and_model(tmp_path, tiny_model_dir, dataset):
     out = tmp_path / "run"
     run_train(base_args(tiny_model_dir, dataset, out, max_steps=1))
     other = tmp_path / "other.jsonl"

@@ -10,28 +10,14 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, write_jsonl
+from conftest import ROOT
 from safetensors.torch import load_file
 
 import sharding
 from config import ConfigError, load_config
-from tokenize_data import tokenize_dataset
 
-TOPICS = ["the sea", "a red bicycle", "prime numbers", "bread", "the moon", "winter", "trains", "a library",
-          "coffee", "rivers", "music", "chess", "gardens", "clouds", "mountains", "robots"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, tiny_model_dir):
-    """32 short conversations: two optimizer steps of 16 samples per epoch."""
-    d = tmp_path_factory.mktemp("shard_data")
-    rows = [{"messages": [{"role": "user", "content": f"Tell me about {t}." + " Please." * (k % 4)},
-                          {"role": "assistant", "content": f"Here is a fact about {t}. " * (1 + k % 5)}]}
-            for k, t in enumerate(TOPICS * 2)]
-    src = write_jsonl(d / "train.jsonl", rows)
-    tokenize_dataset(src, tiny_model_dir, str(d / "tok"), 256)
-    return {"data_path": src, "data_output_dir": str(d / "tok")}
 
 
 def args_for(model_dir, dataset, out_dir, **extra):

@@ -9,28 +9,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, write_jsonl
+from conftest import ROOT
 from safetensors.torch import load_file
 
 import sampler
 import train
 from config import load_config
-from tokenize_data import tokenize_dataset
-
-TOPICS = ["the sea", "a red bicycle", "prime numbers", "bread", "the moon", "winter", "trains", "a library",
-          "coffee", "rivers", "music", "chess", "gardens", "clouds", "mountains", "robots"]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, tiny_model_dir):
-    """32 short conversations of varied length, tokenized once for every run of this module."""
-    d = tmp_path_factory.mktemp("data")
-    rows = [{"messages": [{"role": "user", "content": f"Tell me about {t}." + " Please." * (k % 4)},
-                          {"role": "assistant", "content": f"Here is a fact about {t}. " * (1 + k % 5)}]}
-            for k, t in enumerate(TOPICS * 2)]
-    src = write_jsonl(d / "train.jsonl", rows)
-    tokenize_dataset(src, tiny_model_dir, str(d / "tok"), 256)
-    return {"data_path": src, "data_output_dir": str(d / "tok")}
 
 
 def base_args(tiny_model_dir, dataset, out_dir, **extra):
