@@ -1,0 +1,80 @@
+"""Shared by the benchmarks: the environment record (hardware, versions, commit), synthetic conversations with
+lognormal lengths, and writing a result as JSON next to what it printed."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = ("the a model data token train river cloud garden music number light stone paper window engine bright quick "
+         "small large simple careful answer question because however therefore example second first green blue "
+         "matrix vector learning system result value function memory process thread").split()
+
+
+def environment() -> dict:
+    import tokenizers
+    import torch
+    import transformers
+    cpu = platform.processor() or "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    env = {"commit": commit, "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "tokenizers": tokenizers.__version__, "numpy": np.__version__,
+           "load_avg_1m": os.getloadavg()[0]}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def lognormal_lengths(n: int, median: float, sigma: float, low: int, high: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(np.log(median), sigma, n), low, high).astype(np.int64)
+
+
+def conversations(n: int, median_words: int, seed: int = 0, sigma: float = 0.6) -> list[dict]:
+    """System + user + assistant turns whose total word count is lognormal around median_words."""
+    rng = np.random.default_rng(seed)
+    totals = lognormal_lengths(n, median_words, sigma, 8, 20 * median_words, seed + 1)
+    rows = []
+    for total in totals.tolist():
+        words = rng.choice(WORDS, size=total).tolist()
+        user_words = max(2, total // 4)
+        rows.append({"messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": " ".join(words[:user_words]) + "?"},
+            {"role": "assistant", "content": " ".join(words[user_words:]).capitalize() + "."}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def save_result(name: str, result: dict, path: str | None = None) -> Path:
+    """The result as JSON at path (default runs/bench/<name>.json), written whole: temp name, then rename."""
+    out = Path(path) if path else ROOT / "runs" / "bench" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+    return out

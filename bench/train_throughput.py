@@ -1,0 +1,238 @@
+"""Training throughput: train.py against a Hugging Face `Trainer` with padded batches and against the raw
+forward+backward of the same packed rows (the compute limit).
+
+    python bench/train_throughput.py [--samples 48] [--median-words 50] [--steps 2] [--warmup 1] [--ladder]
+
+Same model (the embedded SmolLM2-135M-Instruct, fp32 on CPU), same tokenized lognormal-length conversations,
+same optimizer steps (the sampler's plan: `effective_batch_size` samples each, fed to the Trainer in that order,
+padded to the longest sample of each batch), same thread count. Every figure counts real tokens only; the first
+`--warmup` steps of each method are not timed. The bench also times train.py from outside (when each line of its
+metrics.jsonl appears) and checks that the logged tokens_per_s agrees with that timing.
+
+    --ladder    also times the raw forward+backward with each optimization of model.py switched off in turn
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# the repo root instead of bench/, whose sampler.py / tokenize.py would shadow the trainer's and the stdlib's
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.common import ROOT, environment, save_result, write_jsonl  # noqa: E402
+from bench.tokenize import vocab_conversations  # noqa: E402
+
+import sampler  # noqa: E402
+import train  # noqa: E402
+from config import EMBEDDED_MODEL, exit_on_error, load_config  # noqa: E402
+from model import CausalLMWithLoss, load_model, load_tokenizer, pack, resolve_model_path  # noqa: E402
+from tokenize_data import tokenize_dataset  # noqa: E402
+
+
+def run_train_py(overrides: list[str], out_dir: Path, timeout_s: float) -> dict:
+    """train.py as users run it; notes when each metrics line appears, as an outside clock for its steps."""
+    cmd = [sys.executable, "train.py", "--config", "", *overrides]
+    metrics_file = out_dir / "metrics.jsonl"
+    arrivals: list[float] = []
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"error: train.py ran past {timeout_s:.0f}s; lower --samples or --steps")
+            if metrics_file.exists():
+                lines = sum(1 for _ in open(metrics_file))
+                arrivals += [time.perf_counter()] * (lines - len(arrivals))
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"error: train.py failed (exit {proc.returncode}):\n{output[-3000:]}")
+    rows = [json.loads(line) for line in open(metrics_file)]
+    return {"rows": rows, "arrivals": arrivals}
+
+
+def hf_trainer_steps(model_path: str, data: dict, plan: list[dict], lr: float, out_dir: Path) -> list[tuple]:
+    """(seconds, real tokens) per optimizer step of transformers.Trainer: one padded batch per step."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    tok = load_tokenizer(model_path)
+    order = [int(i) for step in plan for micro in step["micro_batches"] for rank in micro for i in rank]
+    rows = []
+    for i in order:
+        ids, labels = train.sample(data, i)
+        rows.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "attention_mask": [1] * len(ids)})
+    pad = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100, return_tensors="pt")
+    real_tokens: list[int] = []
+
+    def collate(features):
+        batch = pad(features)
+        real_tokens.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    batch_size = plan[0]["num_samples"]
+    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=batch_size, max_steps=len(plan),
+                             learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, adam_beta1=0.9,
+                             adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch", logging_strategy="no",
+                             save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
+                             train_sampling_strategy="sequential", remove_unused_columns=False, disable_tqdm=True)
+    lm = load_model(model_path, torch.float32, "sdpa")
+    Trainer(model=lm, args=args, train_dataset=rows, data_collator=collate, callbacks=[StepTimer()]).train()
+    return list(zip(times, real_tokens))
+
+
+LADDER = {  # name: (boolean mask, chunked cross-entropy, loss over every position's logits)
+    "packed, bool mask, chunked CE (before)": (True, True, False),
+    "packed, float mask, chunked CE": (False, True, False),
+    "packed, float mask, logits of all tokens": (False, False, True),
+    "packed, float mask, CE on trained only (now)": (False, False, False),
+}
+
+
+def fwd_bwd(model, batch: dict, loss_scale: float, bool_mask=False, chunked_ce=False, all_logits=False):
+    """model.CausalLMWithLoss's forward+backward, or the same with one optimization of model.py undone."""
+    if not (bool_mask or chunked_ce or all_logits):
+        return model(**batch, loss_scale=loss_scale).backward()
+    lm, targets = model.lm, batch["targets"]
+    mask = batch["attention_mask"] == 0 if bool_mask else batch["attention_mask"]
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+                              use_cache=False).last_hidden_state[0]
+    if all_logits:
+        loss = F.cross_entropy(lm.get_output_embeddings()(hidden), targets, reduction="sum")
+    else:
+        keep = targets != -100
+        chunked = chunked_ce and int(keep.sum()) >= hidden.shape[1]  # when the old loss_fn chunked
+        options = torch.nn.LinearCrossEntropyOptions() if chunked else None
+        loss = F.linear_cross_entropy(hidden[keep], lm.get_output_embeddings().weight, targets[keep],
+                                      reduction="sum", options=options)
+    (loss * loss_scale).backward()
+
+
+def raw_steps(model, data: dict, plan: list[dict], **variant) -> list[tuple]:
+    """(seconds, tokens) of forward+backward of each step's packed rows: no optimizer, no logging, no sampler."""
+    out = []
+    for step in plan:
+        seconds = tokens = 0
+        for micro in step["micro_batches"]:
+            samples = [train.sample(data, i) for i in micro[0]]
+            start = time.perf_counter()
+            batch = pack(samples, torch.device("cpu"), "sdpa")
+            fwd_bwd(model, batch, 1.0 / step["num_loss_tokens"], **variant)
+            seconds += time.perf_counter() - start
+            tokens += sum(len(s[0]) for s in samples)
+        model.zero_grad(set_to_none=True)
+        out.append((seconds, tokens))
+    return out
+
+
+def rate(steps: list[tuple]) -> float:
+    return sum(t for _, t in steps) / sum(s for s, _ in steps)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=48, help="conversations in the data set")
+    p.add_argument("--median-words", type=int, default=50)
+    p.add_argument("--effective-batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=2, help="timed optimizer steps per method")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--timeout", type=float, default=900, help="seconds allowed for the train.py run")
+    p.add_argument("--model-path", default=EMBEDDED_MODEL, help="an HF folder (the tests use a tiny model)")
+    p.add_argument("--ladder", action="store_true", help="also time each model.py optimization switched off")
+    p.add_argument("--json", help="where to write the result (default runs/bench/train_throughput.json)")
+    args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed bench still stops train.py and cleans up
+    model_path = resolve_model_path(args.model_path)
+    total_steps = args.warmup + args.steps
+    n = max(args.samples, total_steps * args.effective_batch_size)
+    work = Path(tempfile.mkdtemp(prefix="minilab-bench-train-"))
+    result = {"env": environment(), "args": vars(args)}
+    try:
+        src = write_jsonl(work / "train.jsonl", vocab_conversations(load_tokenizer(model_path), n,
+                                                                    args.median_words, args.seed))
+        tokenize_dataset(str(src), model_path, str(work / "data"), 512)
+        overrides = {"model_path": args.model_path, "data_path": src, "data_output_dir": work / "data",
+                     "ckpt_output_dir": work / "run", "max_seq_len": 512, "max_batch_len": 4096,
+                     "effective_batch_size": args.effective_batch_size, "max_steps": total_steps, "num_epochs": 1,
+                     "learning_rate": 2e-5, "lr_scheduler": "constant", "warmup_steps": 0, "lora.rank": 0,
+                     "dtype": "float32", "checkpoint_at_epoch": False, "keep_last_checkpoint_only": True,
+                     "random_seed": args.seed, "num_proc": 1, "resume": "false", "distributed_backend": "none"}
+        overrides = [f"{k}={v}" for k, v in overrides.items()]
+        cfg = load_config(None, overrides)
+        data = train.prepare_data(cfg, model_path, 0)
+        plan = sampler.plan_epoch(data["lengths"], data["loss_counts"], cfg.effective_batch_size,
+                                  cfg.max_batch_len, 1, cfg.random_seed, 0)[:total_steps]
+        step_tokens = [sum(int(data["lengths"][i]) for m in s["micro_batches"] for r in m for i in r) for s in plan]
+
+        ran = run_train_py(overrides, work / "run", args.timeout)
+        rows, arrivals = ran["rows"], ran["arrivals"]
+        assert [r["num_tokens"] for r in rows] == step_tokens, "train.py trained other tokens than the plan"
+        timed = rows[args.warmup:]
+        outside = [b - a for a, b in zip(arrivals[args.warmup - 1:], arrivals[args.warmup:])] if args.warmup else []
+        trainer_py = [(r["step_time_s"], r["num_tokens"]) for r in timed]
+        print(f"train.py: {rate(trainer_py):.1f} tokens/s", flush=True)
+        hf = hf_trainer_steps(model_path, data, plan, cfg.learning_rate, work / "hf")
+        assert [t for _, t in hf] == step_tokens, "the Trainer baseline saw other samples than the plan"
+        print(f"hf_trainer_padded: {rate(hf[args.warmup:]):.1f} tokens/s", flush=True)
+        model = CausalLMWithLoss(load_model(model_path, torch.float32, "sdpa"))
+        raw = raw_steps(model, data, plan)
+        print(f"raw_fwd_bwd_packed: {rate(raw[args.warmup:]):.1f} tokens/s", flush=True)
+        if args.ladder:
+            result["ladder_raw_tokens_per_s"] = {}
+            for name, (b, c, a) in LADDER.items():
+                steps = raw_steps(model, data, plan, bool_mask=b, chunked_ce=c, all_logits=a)[args.warmup:]
+                result["ladder_raw_tokens_per_s"][name] = rate(steps)
+                print(f"ladder {name}: {rate(steps):.1f} tokens/s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    rates = {"train.py": rate(trainer_py), "hf_trainer_padded": rate(hf[args.warmup:]),
+             "raw_fwd_bwd_packed": rate(raw[args.warmup:])}
+    result.update(step_tokens=step_tokens, tokens_per_s=rates, train_py_metrics=timed,
+                  hf_steps=hf, raw_steps=raw,
+                  ratio_vs_hf_trainer=rates["train.py"] / rates["hf_trainer_padded"],
+                  ratio_vs_raw_fwd_bwd=rates["train.py"] / rates["raw_fwd_bwd_packed"])
+    padded = sum(len(s["micro_batches"][0][0]) * max(int(data["lengths"][i]) for i in s["micro_batches"][0][0])
+                 for s in plan[args.warmup:])
+    result["hf_padding_fraction"] = 1 - sum(step_tokens[args.warmup:]) / padded
+    if outside:
+        logged, measured = sum(r["step_time_s"] for r in timed), sum(outside)
+        result["logged_vs_outside_step_time"] = logged / measured
+    print(json.dumps(result["env"]))
+    print(f"{len(plan)} steps of {args.effective_batch_size} samples, {np.mean(step_tokens):.0f} real tokens each; "
+          f"the Trainer's padded batches are {result['hf_padding_fraction']:.0%} padding")
+    print(f"{'method':22} {'tokens/s':>9} {'train.py is':>12}")
+    for name, r in rates.items():
+        print(f"{name:22} {r:9.1f} {rates['train.py'] / r:11.2f}x")
+    if outside:
+        print(f"train.py's logged step_time_s / the bench's own clock: {result['logged_vs_outside_step_time']:.3f}")
+    for name, r in result.get("ladder_raw_tokens_per_s", {}).items():
+        print(f"ladder (raw fwd+bwd) {name:45} {r:9.1f} tokens/s {r / rates['hf_trainer_padded']:6.2f}x the Trainer")
+    print(f"saved {save_result('train_throughput', result, args.json)}")
+
+
+if __name__ == "__main__":
+    sys.exit(exit_on_error(main))

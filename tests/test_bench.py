@@ -1,0 +1,49 @@
+"""The bench scripts run end to end at tiny sizes and record what they claim; speed itself is never asserted here."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_bench(script, *args, timeout=300):
+    r = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_sampler_bench_plans_every_sample_and_beats_padding(tmp_path):
+    out = run_bench("sampler.py", "--samples", "3000", "--json", str(tmp_path / "s.json"))
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["env"]["cores"] >= 1 and result["env"]["torch"] in out
+    for row in result["settings"]:
+        assert row["steps"] == -(-3000 // row["effective_batch_size"])
+        assert 0 < row["padded_efficiency"] < row["compute_efficiency"] <= 1
+        assert 0 < row["packing_efficiency"] <= 1
+
+
+def test_tokenize_bench_counts_the_same_tokens_in_every_method(tmp_path, embedded_dir):
+    out = run_bench("tokenize.py", "--samples", "60", "--median-words", "30", "--model-path", embedded_dir,
+                    "--json", str(tmp_path / "t.json"))
+    runs = json.loads((tmp_path / "t.json").read_text())["runs"]
+    assert set(runs) == {"tokenize_data num_proc=2", "tokenize_data num_proc=1", "chat_template_ids",
+                         "chat_template_prefix"}
+    # the same conversations: tokenize_data.py's tokens are exactly the chat template's
+    assert len({r["tokens"] for r in runs.values()}) == 1
+    assert runs["chat_template_ids"]["ratio"] == 1.0 and "vs chat_template_ids" in out
+
+
+def test_train_throughput_bench_agrees_with_train_py_metrics(tmp_path, tiny_model_dir):
+    out = run_bench("train_throughput.py", "--model-path", tiny_model_dir, "--samples", "12", "--median-words", "20",
+                    "--effective-batch-size", "4", "--steps", "2", "--warmup", "1", "--ladder",
+                    "--json", str(tmp_path / "r.json"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["tokens_per_s"]) == {"train.py", "hf_trainer_padded", "raw_fwd_bwd_packed"}
+    assert all(r > 0 for r in result["tokens_per_s"].values())
+    assert len(result["ladder_raw_tokens_per_s"]) == 4
+    assert len(result["train_py_metrics"]) == 2 and len(result["step_tokens"]) == 3
+    assert 0 < result["hf_padding_fraction"] < 1  # lognormal lengths: padded batches carry padding
+    # train.py's logged step times against the bench's own clock (when each metrics line appeared)
+    assert 0.2 < result["logged_vs_outside_step_time"] <= 1.05
+    assert "train.py is" in out
