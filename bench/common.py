@@ -18,7 +18,10 @@ WORDS = ("the a model data token train river cloud garden music number light sto
          "matrix vector learning system result value function memory process thread").split()
 
 
-def environment() -> dict:
+def environment(extra_packages: tuple[str, ...] = ()) -> dict:
+    """Hardware, versions and commit; extra_packages adds the versions of those modules."""
+    import importlib
+
     import tokenizers
     import torch
     import transformers
@@ -40,6 +43,8 @@ def environment() -> dict:
            "load_avg_1m": os.getloadavg()[0]}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
+    for name in extra_packages:
+        env[name] = importlib.import_module(name).__version__
     return env
 
 

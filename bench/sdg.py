@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,23 +19,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[0] = str(ROOT)  # the repo root, not bench/ (its names shadow ours)
 
+from bench.common import environment  # noqa: E402
 from config import ConfigError, exit_on_error  # noqa: E402
 
 LEVELS = (1, 2, 4)
 
-
-def environment() -> dict:
-    import llama_cpp
-    import openai
-
-    cpu = platform.processor() or "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "llama_cpp_python": llama_cpp.__version__, "openai": openai.__version__}
 
 
 def run_level(endpoint: str, concurrency: int, args) -> dict:
@@ -75,7 +63,7 @@ def main():
         run_level(endpoint, 1, argparse.Namespace(**{**vars(args), "num_instructions": 1}))  # warm-up, not timed
         results = [run_level(endpoint, level, args) for level in LEVELS]
     base = results[0]
-    print(json.dumps({"environment": environment(), "endpoint": args.endpoint or "embedded SmolLM2 (llama.cpp)",
+    print(json.dumps({"environment": environment(("llama_cpp", "openai")), "endpoint": args.endpoint or "embedded SmolLM2 (llama.cpp)",
                       "settings": vars(args)}, indent=1))
     print(f"{'concurrency':>11} {'seconds':>8} {'samples':>8} {'requests':>9} {'samples/min':>12} {'req/min':>8} "
           f"{'ratio vs c=1 (req/min)':>23}")

@@ -7,20 +7,21 @@ Baseline, measured in the same run: the same requests one after another through 
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo root, not bench/ (its names shadow stdlib's)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import openai  # noqa: E402
 
+from bench.common import environment  # noqa: E402
 from config import embedded_gguf_path, exit_on_error  # noqa: E402
 from serve.background import running_server  # noqa: E402
 
@@ -28,16 +29,6 @@ PROMPTS = ("The history of the printing press", "A recipe for tomato soup", "Why
            "How a bicycle stays upright", "The rules of chess", "What plants need to grow",
            "How rain forms", "The life of a honeybee")
 
-
-def environment() -> dict:
-    import llama_cpp
-
-    cpu = platform.processor() or "unknown"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "llama_cpp_python": llama_cpp.__version__, "openai": openai.__version__}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -91,7 +82,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args()
     model = args.model or embedded_gguf_path()
-    report = {"environment": environment(), "model": model, "max_tokens": args.max_tokens, "levels": {}}
+    report = {"environment": environment(("llama_cpp", "openai")), "model": model, "max_tokens": args.max_tokens, "levels": {}}
     print(json.dumps(report["environment"]))
     baseline = in_process_baseline(model, args.ctx, 2 * args.requests_per_client, args.max_tokens)
     report["baseline_in_process"] = baseline
