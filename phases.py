@@ -1,0 +1,288 @@
+"""Small steps pipeline.sh needs between the tools: settings, data split, checkpoint picking, the final summary.
+
+    python phases.py settings --profile cpu [--set generate.num_instructions=2 ...]   # shell assignments
+    python phases.py split TRAIN_JSONL OUT_DIR          # knowledge.jsonl (phase 1) + skills.jsonl (phase 2)
+    python phases.py question TEST_JSONL                # the first held-out seed question, for the chat check
+    python phases.py run-yaml FILE key=value ...        # a checked train config for one phase
+    python phases.py wait-server URL PID LOG            # block until a background `python -m serve` answers
+    python phases.py checkpoints CKPT_DIR               # HF checkpoint folders, oldest first
+    python phases.py best EVAL_DIR CKPT_DIR [--prune]   # best checkpoint by its eval JSON's overall score
+    python phases.py summary OUT_DIR                    # deltas + artifact paths; summary.json, evaluation.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from config import ConfigError, exit_on_error, load_config, load_profile, parse_overrides
+from eval import report
+
+# Every generate/evaluate key pipeline.sh reads, with the value used when the profile leaves it out.
+SETTINGS = {
+    "generate": {"num_instructions": 5, "concurrency": 2, "max_tokens": 128, "judge_threshold": 0},
+    "evaluate": {"few_shots": 0, "batch_size": 4, "max_tokens": 128, "judge_max_tokens": 256, "mmlu_limit": 0,
+                 "mt_bench_limit": 0, "chat_max_tokens": 128, "phased": False},
+}
+
+
+def settings(profile: str, sets: list[str]) -> dict[str, dict]:
+    """The profile's generate/evaluate sections with --set overrides; unknown keys fail with the valid ones."""
+    data = load_profile(profile)
+    problems = []
+    chosen = {section: dict(defaults) for section, defaults in SETTINGS.items()}
+    for source, sections in ((f"profile {data.get('name')}", data), ("--set", parse_overrides(
+            [s for s in sets if not s.startswith("train.")]))):
+        for section, values in sections.items():
+            if section in ("name", "train"):
+                continue
+            if section not in SETTINGS:
+                problems.append(f"{source}: unknown section '{section}' (valid: train, {', '.join(SETTINGS)})")
+                continue
+            if not isinstance(values or {}, dict):
+                problems.append(f"{source}: '{section}' must be a mapping of keys, got {values!r}")
+                continue
+            for key, value in (values or {}).items():
+                if key not in SETTINGS[section]:
+                    problems.append(f"{source}: unknown key '{section}.{key}'; valid: "
+                                    + ", ".join(f"{section}.{k}" for k in SETTINGS[section]))
+                    continue
+                chosen[section][key] = coerce(value, SETTINGS[section][key], f"{section}.{key}", problems)
+    train_overrides = [s.removeprefix("train.") for s in sets if s.startswith("train.")]
+    if problems:
+        raise ConfigError("invalid pipeline settings:\n  - " + "\n  - ".join(problems))
+    chosen["train"] = {"overrides": " ".join(shlex.quote(s) for s in train_overrides), "profile": data.get("name", "")}
+    return chosen
+
+
+def coerce(value, default, key: str, problems: list[str]):
+    parsed = yaml.safe_load(value) if isinstance(value, str) else value
+    if isinstance(default, bool):
+        if not isinstance(parsed, bool):
+            problems.append(f"{key} must be true or false, got {value!r}")
+        return parsed
+    if not isinstance(parsed, int) or isinstance(parsed, bool) or parsed < 0:
+        problems.append(f"{key} must be a whole number >= 0, got {value!r}")
+    return parsed
+
+
+def print_settings(args) -> None:
+    for section, values in settings(args.profile, args.set).items():
+        for key, value in values.items():
+            value = str(value).lower() if isinstance(value, bool) else str(value)
+            print(f"{section.upper()}_{key.upper()}={shlex.quote(value)}")
+
+
+def run_yaml(args) -> None:
+    """Write one phase's train config and load it back, so every bad key is reported before any stage runs."""
+    def typed(node):  # "3" -> 3, "true" -> true: the file reads as a user would write it
+        return {k: typed(v) for k, v in node.items()} if isinstance(node, dict) else yaml.safe_load(node)
+
+    text = "# written by pipeline.sh; run this phase alone with: python train.py --config " + args.file + "\n"
+    text += yaml.safe_dump(typed(parse_overrides(args.items)), sort_keys=False)
+    Path(args.file).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.file).with_suffix(".tmp")
+    tmp.write_text(text)
+    try:
+        load_config(str(tmp))
+    except ConfigError as e:
+        tmp.unlink()
+        where = f"{args.file} (from --profile, --model and --set train.*)"
+        raise ConfigError(str(e).replace(str(tmp), where)) from None
+    os.replace(tmp, args.file)
+
+
+def wait_server(args) -> None:
+    """Poll the server's /models until it answers; fail with its log tail if it exits or takes too long."""
+    from serve.background import is_healthy, last_lines
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(args.pid, 0)
+        except ProcessLookupError:
+            raise ConfigError(f"the server (pid {args.pid}) exited before it was ready; its log {args.log}:\n"
+                              + last_lines(args.log)) from None
+        if is_healthy(args.url, os.environ.get("MINILAB_API_KEY")):
+            return
+        time.sleep(0.5)
+    raise ConfigError(f"no answer from {args.url} after {args.timeout:.0f}s; its log {args.log}:\n"
+                      + last_lines(args.log))
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} not found; run the generate stage first (./pipeline.sh --only generate)")
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg}); fix or delete that line") from None
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    report.write_atomic(str(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def split(args) -> None:
+    """Knowledge samples train phase 1, skill samples phase 2 (LAB); every sample lands in exactly one file."""
+    records = read_jsonl(args.train_jsonl)
+    knowledge = [r for r in records if r.get("metadata", {}).get("pipeline") == "knowledge"]
+    skills = [r for r in records if r.get("metadata", {}).get("pipeline") != "knowledge"]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in (("knowledge", knowledge), ("skills", skills)):
+        if not part:
+            raise ConfigError(f"{args.train_jsonl} has no {name} samples; add a {name} leaf to the taxonomy "
+                              "or run without --phased")
+        write_jsonl(out / f"{name}.jsonl", part)
+    print(f"{len(knowledge)} knowledge -> {out / 'knowledge.jsonl'}, {len(skills)} skills -> {out / 'skills.jsonl'}")
+
+
+def question(args) -> None:
+    """A held-out seed question, knowledge first (one line, no context): what the trained model should now know."""
+    records = read_jsonl(args.test_jsonl)
+    records.sort(key=lambda r: not str(r.get("metadata", {}).get("leaf", "")).startswith("knowledge"))
+    for record in records:
+        users = [m["content"] for m in record["messages"] if m["role"] == "user" and m["content"].strip()]
+        if users:
+            print(" ".join(users[0].split()))  # serve.chat reads one turn per line
+            return
+    raise ConfigError(f"{args.test_jsonl} has no user question; check the taxonomy's seed examples")
+
+
+def checkpoint_dirs(ckpt_dir: str) -> list[Path]:
+    """Complete HF checkpoints (config.json present), in training order."""
+    root = Path(ckpt_dir) / "hf_format"
+    found = [p for p in root.glob("*") if p.is_dir() and (p / "config.json").exists()]
+    if not found:
+        raise ConfigError(f"no HF checkpoint under {root}; run the training stage first")
+
+    def order(p: Path):
+        return (1, 0) if p.name == "last_epoch" else (0, int(p.name.removeprefix("samples_")))
+    return sorted(found, key=order)
+
+
+def list_checkpoints(args) -> None:
+    print("\n".join(str(p) for p in checkpoint_dirs(args.ckpt_dir)))
+
+
+def best(args) -> None:
+    """EVAL_DIR/NAME.json scores CKPT_DIR/hf_format/NAME; the highest overall wins (ties: the later one)."""
+    scores = {}
+    for ckpt in checkpoint_dirs(args.ckpt_dir):
+        result_file = Path(args.eval_dir) / f"{ckpt.name}.json"
+        if not result_file.exists():
+            raise ConfigError(f"{result_file} is missing: checkpoint {ckpt} was not evaluated; rerun its phase")
+        overall = json.loads(result_file.read_text()).get("overall")
+        scores[ckpt] = float("-inf") if overall is None else overall
+    winner = max(reversed(list(scores)), key=lambda p: scores[p])
+    for ckpt, score in scores.items():
+        shown = "no score (judge ratings unparsable)" if score == float("-inf") else f"{score:.4f}"
+        print(f"{'*' if ckpt == winner else ' '} {ckpt.name}: {shown}", file=sys.stderr)
+    if args.prune:
+        for ckpt in scores:
+            if ckpt != winner:
+                shutil.rmtree(ckpt)
+                print(f"pruned {ckpt}", file=sys.stderr)
+    print(winner)
+
+
+def overall(path: Path) -> tuple[float | None, float | None]:
+    if not path.exists():
+        return None, None
+    result = json.loads(path.read_text())
+    return (result.get("base") or {}).get("overall"), result.get("overall")
+
+
+def summary(args) -> None:
+    out = Path(args.out_dir)
+    rows = {"MMLU-style accuracy (knowledge)": (out / "eval" / "mmlu.json", 1.0),
+            "MT-Bench-style score (skills)": (out / "eval" / "mt_bench.json", 10.0)}
+    evaluations, base_series, trained_series = {}, {}, {}
+    for label, (path, scale) in rows.items():
+        base, trained = overall(path)
+        evaluations[label] = {"base": base, "trained": trained, "result": str(path) if path.exists() else None,
+                              "delta": None if base is None or trained is None else trained - base}
+        if base is not None and trained is not None:
+            base_series[f"{label} / {scale:g}"], trained_series[f"{label} / {scale:g}"] = base / scale, trained / scale
+    if base_series:
+        report.plot_scores(str(out / "evaluation.png"), {"base": base_series, "trained": trained_series},
+                           "score (scaled to 0-1)")
+    candidates = {"final model": out / "final_model.txt", "GGUF": out / "model.gguf", "chat reply": out / "chat.txt",
+                  "evaluation chart": out / "evaluation.png"}
+    artifacts = {name: str(p) for name, p in candidates.items() if p.exists()}
+    artifacts["training data"] = [str(p) for p in sorted((out / "data").glob("*.jsonl"))]
+    artifacts["evaluation results"] = [str(p) for p in sorted(out.glob("eval/*.json"))]
+    if (out / "final_model.txt").exists():
+        artifacts["final model"] = (out / "final_model.txt").read_text().strip()
+    artifacts["loss curves"] = [str(p) for p in sorted(out.glob("*/checkpoints/metrics.png"))]
+    result = {"evaluations": evaluations, "artifacts": artifacts}
+    report.write_json(str(out / "summary.json"), result)
+    print("== minilab pipeline summary ==")
+    for label, e in evaluations.items():
+        if e["result"] is None:
+            print(f"{label}: not evaluated")
+            continue
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731 - local formatting only
+        delta = "n/a" if e["delta"] is None else f"{e['delta']:+.4f}"
+        print(f"{label}: base {fmt(e['base'])} -> trained {fmt(e['trained'])} (delta {delta})")
+        if e["trained"] is None or e["base"] is None:
+            print("  no parsable judge rating: the judge model is too weak to grade; pass a stronger one with "
+                  "./pipeline.sh --judge-endpoint URL --force --only mtbench,summary")
+    for name, path in artifacts.items():
+        print(f"{name}: {', '.join(path) if isinstance(path, list) else path}")
+    print(f"summary: {out / 'summary.json'}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python phases.py", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("settings")
+    s.add_argument("--profile", required=True)
+    s.add_argument("--set", action="append", default=[], help="section.key=value")
+    s.set_defaults(run=print_settings)
+    s = sub.add_parser("split")
+    s.add_argument("train_jsonl")
+    s.add_argument("out_dir")
+    s.set_defaults(run=split)
+    s = sub.add_parser("question")
+    s.add_argument("test_jsonl")
+    s.set_defaults(run=question)
+    s = sub.add_parser("run-yaml")
+    s.add_argument("file")
+    s.add_argument("items", nargs="*", help="key=value (dotted for nested keys)")
+    s.set_defaults(run=run_yaml)
+    s = sub.add_parser("wait-server")
+    s.add_argument("url")
+    s.add_argument("pid", type=int)
+    s.add_argument("log")
+    s.add_argument("--timeout", type=float, default=300.0)
+    s.set_defaults(run=wait_server)
+    s = sub.add_parser("checkpoints")
+    s.add_argument("ckpt_dir")
+    s.set_defaults(run=list_checkpoints)
+    s = sub.add_parser("best")
+    s.add_argument("eval_dir")
+    s.add_argument("ckpt_dir")
+    s.add_argument("--prune", action="store_true", help="delete every other HF checkpoint of this phase")
+    s.set_defaults(run=best)
+    s = sub.add_parser("summary")
+    s.add_argument("out_dir")
+    s.set_defaults(run=summary)
+    args = p.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    exit_on_error(main)

@@ -1,0 +1,176 @@
+"""pipeline.sh end to end on a tiny setting: the embedded SmolLM2 generates data, trains 1 LoRA step, is evaluated
+against itself untrained, converted to GGUF, served and asked one question. The phased (LAB) loop runs on that data
+with the tiny random model so it fits the CI budget. Artifacts are checked, not just the exit code."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY = ["--profile", "cpu",
+        "--set", "generate.num_instructions=3", "--set", "generate.max_tokens=48",
+        "--set", "evaluate.mmlu_limit=3", "--set", "evaluate.mt_bench_limit=1", "--set", "evaluate.max_tokens=24",
+        "--set", "evaluate.judge_max_tokens=48", "--set", "evaluate.chat_max_tokens=16",
+        "--set", "train.max_steps=1", "--set", "train.max_seq_len=256", "--set", "train.max_batch_len=1024",
+        "--set", "train.effective_batch_size=2"]
+
+
+def pipeline(*args, timeout=600):
+    return subprocess.run([str(ROOT / "pipeline.sh"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    result = pipeline("--output-dir", str(out), *TINY)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return out, result
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def is_png(path):
+    return Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_stage_ran_and_printed_its_command(run):
+    out, result = run
+    for stage in ("validate", "generate", "mix", "tokenize", "train", "mmlu", "convert", "mtbench", "chat"):
+        assert (out / ".done" / stage).exists(), stage
+    for command in ("+ python -m sdg validate", "+ python -m sdg generate", "+ python -m sdg mix",
+                    "+ python tokenize_data.py --config", "+ python train.py --config", "+ python -m eval.mmlu",
+                    "+ python -m serve.convert", "+ python -m eval.mt_bench", "+ python -m serve.chat"):
+        assert command in result.stderr, command
+
+
+def test_data_and_checkpoint(run):
+    out, _ = run
+    generated = read_jsonl(out / "data" / "generated" / "train.jsonl")
+    mixed = read_jsonl(out / "data" / "train.jsonl")
+    assert len(mixed) == len(generated) > 0
+    assert all(r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"] for r in mixed)
+    final = Path((out / "final_model.txt").read_text().strip())
+    assert final.parent == out / "train" / "checkpoints" / "hf_format"
+    assert (final / "config.json").exists() and list(final.glob("*.safetensors"))
+    assert (final / "adapter").is_dir()  # LoRA run: merged weights plus the adapter
+    metrics = read_jsonl(out / "train" / "checkpoints" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1] and metrics[0]["loss"] > 0
+    assert is_png(out / "train" / "checkpoints" / "metrics.png")
+
+
+def test_gguf_eval_and_chat(run):
+    out, result = run
+    assert (out / "model.gguf").read_bytes()[:4] == b"GGUF"
+    mmlu = json.loads((out / "eval" / "mmlu.json").read_text())
+    assert mmlu["questions"] == 3 and 0 <= mmlu["overall"] <= 1 and 0 <= mmlu["base"]["overall"] <= 1
+    mt_bench = json.loads((out / "eval" / "mt_bench.json").read_text())
+    assert len(mt_bench["records"]) == 1 and len(mt_bench["base"]["records"]) == 1
+    for png in ("eval/mmlu.png", "eval/mt_bench.png", "evaluation.png"):
+        assert is_png(out / png), png
+    chat = (out / "chat.txt").read_text().splitlines()
+    knowledge_seeds = [r["messages"][0]["content"] for r in read_jsonl(out / "data" / "generated" / "test.jsonl")
+                       if r["metadata"]["leaf"].startswith("knowledge")]
+    assert chat[0].startswith("you> ") and chat[0][5:] == knowledge_seeds[0]
+    assert "".join(chat[1:]).replace("assistant>", "").strip()
+
+
+def test_summary_deltas_match_eval_files(run):
+    out, result = run
+    summary = json.loads((out / "summary.json").read_text())
+    mmlu = json.loads((out / "eval" / "mmlu.json").read_text())
+    row = summary["evaluations"]["MMLU-style accuracy (knowledge)"]
+    assert row["delta"] == pytest.approx(mmlu["overall"] - mmlu["base"]["overall"])
+    assert f"delta {row['delta']:+.4f}" in result.stdout
+    assert summary["artifacts"]["GGUF"] == str(out / "model.gguf")
+    assert "== minilab pipeline summary ==" in result.stdout
+
+
+def test_servers_are_stopped(run):
+    out, _ = run
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(out / "model.gguf") not in ps
+
+
+def test_rerun_resumes_by_skipping_finished_stages(run):
+    out, _ = run
+    before = (out / "model.gguf").stat().st_mtime_ns
+    result = pipeline("--output-dir", str(out), *TINY, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done already") == 9
+    assert "+ python train.py" not in result.stderr
+    assert (out / "model.gguf").stat().st_mtime_ns == before
+
+
+def test_phased_training_carries_the_best_phase1_checkpoint(run, tmp_path, tiny_model_dir):
+    """LAB phases on the data generated above: every checkpoint of each phase is evaluated and the best kept."""
+    out, _ = run
+    shutil.copytree(out / "data" / "generated", tmp_path / "data" / "generated")
+    (tmp_path / ".done").mkdir()
+    for stage in ("validate", "generate"):
+        shutil.copy(out / ".done" / stage, tmp_path / ".done" / stage)
+    # 2 steps of 1 sample, a checkpoint after each: two candidates per phase.
+    result = pipeline("--output-dir", str(tmp_path), *TINY, "--model", tiny_model_dir, "--phased", "--prune",
+                      "--set", "train.max_steps=2",
+                      "--set", "train.effective_batch_size=1", "--set", "train.save_samples=1",
+                      "--only", "mix,tokenize,phase1,phase2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    knowledge = read_jsonl(tmp_path / "data" / "phase1.jsonl")
+    assert knowledge and all(r["metadata"]["pipeline"] == "knowledge" for r in knowledge)
+    phase1_evals = sorted(p.name for p in (tmp_path / "phase1" / "eval").glob("samples_*.json"))
+    assert phase1_evals == ["samples_1.json", "samples_2.json"]
+    best1 = Path((tmp_path / "phase1" / "best.txt").read_text().strip())
+    assert best1.is_dir() and [p.name for p in best1.parent.iterdir()] == [best1.name]  # --prune kept only the best
+    scores = {p: json.loads((tmp_path / "phase1" / "eval" / p).read_text())["overall"] for p in phase1_evals}
+    assert scores[best1.name + ".json"] == max(scores.values())
+    assert (tmp_path / "phase2" / "run.yaml").read_text().count(f"model_path: {best1}") == 1
+    phase2_evals = sorted(p.name for p in (tmp_path / "phase2" / "eval").glob("samples_*.json"))
+    assert phase2_evals == ["samples_1.json", "samples_2.json"]
+    final = Path((tmp_path / "final_model.txt").read_text().strip())
+    assert final.parent == tmp_path / "phase2" / "checkpoints" / "hf_format" and (final / "config.json").exists()
+    assert "+ python -m eval.mt_bench" in result.stderr and "skipped" in result.stdout
+
+
+def test_bad_settings_are_rejected_at_start_with_every_problem(tmp_path):
+    result = pipeline("--output-dir", str(tmp_path), "--profile", "cpu", "--set", "evaluate.mmlu_limt=3",
+                      "--set", "generate.num_instructions=many", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "evaluate.mmlu_limt" in result.stderr and "evaluate.mmlu_limit" in result.stderr
+    assert "generate.num_instructions must be a whole number" in result.stderr
+    result = pipeline("--output-dir", str(tmp_path), "--profile", "cpu", "--set", "train.lora.rank=abc",
+                      "--set", "train.max_batch_len=10", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "'lora.rank' must be an integer" in result.stderr and "max_batch_len (10)" in result.stderr
+    result = pipeline("--output-dir", str(tmp_path), "--only", "trian", timeout=60)
+    assert result.returncode == 2 and "unknown stage 'trian'" in result.stderr
+    assert not list((tmp_path / ".done").glob("*")) if (tmp_path / ".done").exists() else True
+
+
+def test_profiles_have_valid_sections():
+    from config import load_config
+    from phases import settings
+    for name in ("cpu", "single-gpu", "multi-gpu"):
+        chosen = settings(name, [])
+        assert chosen["generate"]["num_instructions"] > 0 and chosen["train"]["profile"] == name
+        assert load_config(profile=name).profile == name
+    assert settings("multi-gpu", [])["evaluate"]["phased"] is True
+    assert settings("cpu", [])["evaluate"]["phased"] is False
+    cpu, multi = load_config(profile="cpu"), load_config(profile="multi-gpu")
+    assert cpu.lora.rank > 0 and multi.lora.rank == 0
+
+
+def test_rerunning_a_stage_invalidates_later_ones_and_paths_are_relative_to_the_caller(run, tmp_path):
+    out, _ = run
+    shutil.copytree(out / ".done", tmp_path / "copy" / ".done")
+    result = subprocess.run([str(ROOT / "pipeline.sh"), "--output-dir", "copy", "--profile", "cpu", "--force",
+                             "--only", "validate"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "copy" / ".done").iterdir()) == ["validate"]
+    assert (tmp_path / "copy" / "train" / "run.yaml").exists()
