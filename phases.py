@@ -24,6 +24,7 @@ import yaml
 
 from config import ConfigError, exit_on_error, load_config, load_profile, parse_overrides
 from eval import report
+from eval.mt_bench import read_jsonl as eval_read_jsonl
 
 # Every generate/evaluate key pipeline.sh reads, with the value used when the profile leaves it out.
 SETTINGS = {
@@ -119,15 +120,7 @@ def wait_server(args) -> None:
 def read_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
         raise ConfigError(f"{path} not found; run the generate stage first (./pipeline.sh --only generate)")
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg}); fix or delete that line") from None
-    return records
+    return eval_read_jsonl(path)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
