@@ -26,6 +26,7 @@ DEFAULT_JUDGE_PROMPTS = Path(__file__).with_name("judge_prompts.yaml")
 PROMPT_NAMES = ("single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn")
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")  # graded against a reference answer, as in MT-Bench
 RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
+RATING_SINGLE_BRACKETS = re.compile(r"\[\s*(\d+(?:\.\d+)?)\s*\]")  # FastChat's fallback for judges that drop one
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -126,8 +127,8 @@ def load_judge_prompts(path: str | None) -> dict[str, dict]:
 
 
 def parse_rating(judgment: str) -> float | None:
-    """The first [[N]] with 1 <= N <= 10; None when the judge gave none (counted as unparsable)."""
-    match = RATING.search(judgment or "")
+    """The first [[N]] (else [N]) with 1 <= N <= 10; None when the judge gave none (counted as unparsable)."""
+    match = RATING.search(judgment or "") or RATING_SINGLE_BRACKETS.search(judgment or "")
     if match and 1 <= float(match.group(1)) <= 10:
         return float(match.group(1))
     return None

@@ -275,6 +275,7 @@ def test_parse_rating():
     assert parse_rating("Clear and correct. Rating: [[8]]") == 8.0
     assert parse_rating("[[ 7.5 ]] then [[2]]") == 7.5
     assert parse_rating("Rating: 8/10") is None
+    assert parse_rating("I would rate it [6].") == 6.0 and parse_rating("[[4]] not [9]") == 4.0
     assert parse_rating("[[11]]") is None and parse_rating("[[0]]") is None and parse_rating("") is None
 
 
