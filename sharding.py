@@ -16,15 +16,14 @@ STRATEGY_RESHARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False, "NO_SHARD": Fals
 
 
 def backend_for(cfg: Config, world_size: int) -> str:
-    if world_size > 1 and cfg.distributed_backend == "none":
-        raise ConfigError("distributed_backend 'none' runs one process; with more processes use fsdp or deepspeed")
+    """One process needs no backend; check_combination refuses `none` with several."""
     return cfg.distributed_backend if world_size > 1 else "none"
 
 
 def check_combination(cfg: Config, world_size: int, device: torch.device):
     """Refuse, before anything loads, every setting combination that cannot work; all problems in one message."""
     import importlib.util
-    backend = "none" if world_size == 1 else cfg.distributed_backend
+    backend = backend_for(cfg, world_size)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     ds, lora = cfg.deepspeed_options, cfg.lora
     problems = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import resource
@@ -60,14 +61,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return (dist.get_rank() if dist.is_initialized() else 0), world_size, device
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def prepare_data(cfg: Config, model_path: str, rank: int) -> dict:
     """Token arrays plus per-sample lengths and trained-token counts; tokenizes first when needed (rank 0)."""
     if cfg.mock_data:
@@ -91,10 +84,14 @@ def prepare_data(cfg: Config, model_path: str, rank: int) -> dict:
     return data
 
 
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _tokenized_matches(cfg: Config, model_path: str, meta_file: Path) -> bool:
     if not meta_file.exists():
         return False
-    import json
     meta = json.loads(meta_file.read_text())
     same_source = not os.path.exists(cfg.data_path) or meta["source_sha256"] == file_sha256(cfg.data_path)
     return same_source and meta["model"] == model_path and meta["max_seq_len"] == cfg.max_seq_len \
@@ -145,7 +142,8 @@ def train_step(model, optimizer, step: dict, data: dict, rank: int, world_size: 
             loss = model(**batch, loss_scale=loss_scale)
         sharding.backward(model, loss)
         loss_sum += loss.detach().double()
-    totals = torch.tensor([loss_sum.item(), tokens], dtype=torch.float64)
+    # the stop request rides on this all-reduce, so preemption costs no collective of its own
+    totals = torch.tensor([loss_sum.item(), tokens, float(ctx["stop_requested"]())], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(totals)
     loss = totals[0].item() / world_size
@@ -153,7 +151,7 @@ def train_step(model, optimizer, step: dict, data: dict, rank: int, world_size: 
         raise TrainingError(f"loss is {loss}: stopping before the update; the last saved checkpoint is untouched. "
                             "Try a lower learning_rate, dtype=float32 or max_grad_norm=1.0")
     grad_norm = sharding.optimizer_step(model, optimizer, ctx["max_grad_norm"])
-    return {"loss": loss, "grad_norm": grad_norm, "num_tokens": int(totals[1].item())}
+    return {"loss": loss, "grad_norm": grad_norm, "num_tokens": int(totals[1].item()), "stop": totals[2].item() > 0}
 
 
 def model_flops(lm, lengths: list[int]) -> float:
@@ -204,7 +202,7 @@ def train(cfg: Config) -> dict:
     log = MetricsLogger(cfg.ckpt_output_dir, total_steps, state["global_step"], rank == 0, cfg.tensorboard)
     if resume_from:
         log.message(f"resumed from {resume_from} at step {state['global_step']}")
-    stop_requested = install_stop_handlers()
+    ctx["stop_requested"] = install_stop_handlers()
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in
                  torch.cuda.get_device_name(device)), None)
 
@@ -244,7 +242,7 @@ def train(cfg: Config) -> dict:
                 log.log(metrics)
                 if cfg.save_samples > 0 and state["samples_seen"] >= state["last_hf_save"] + cfg.save_samples:
                     save(hf_name())
-                if agree(stop_requested()):
+                if out["stop"]:
                     save(None)
                     log.message(f"stop requested: saved full state at step {state['global_step']}; exiting")
                     return state
@@ -268,15 +266,6 @@ def install_stop_handlers():
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, handler)
     return lambda: flag["stop"]
-
-
-def agree(local: bool) -> bool:
-    """True on every rank if any rank says so."""
-    if not dist.is_initialized():
-        return local
-    t = torch.tensor([int(local)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def main(argv=None):
