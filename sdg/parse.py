@@ -44,24 +44,22 @@ def parse_question(text: str, min_chars: int = 10, max_chars: int = 600) -> str 
 
 
 def parse_answer(text: str, min_chars: int = 2) -> str | None:
-    text = _CHAT_TOKENS.sub("", text)  # leaked special tokens would hide a leading label
-    labelled = _after_label(text, ANSWER_LABEL)
-    if labelled is None:
-        # An unlabelled reply is the answer, minus any follow-up question the model invented.
-        follow_up = QUESTION_LABEL.search(text)
-        labelled = text[: follow_up.start()] if follow_up and follow_up.start() > 0 else text
-    answer = _tidy(labelled)
-    return answer if len(answer) >= min_chars else None
+    return _parse_labelled(text, ANSWER_LABEL, min_chars)
 
 
 def parse_context(text: str, min_chars: int = 40) -> str | None:
+    return _parse_labelled(text, CONTEXT_LABEL, min_chars)
+
+
+def _parse_labelled(text: str, label, min_chars: int) -> str | None:
+    """The text after `label`, or, unlabelled, the whole reply minus any follow-up question the model invented."""
     text = _CHAT_TOKENS.sub("", text)  # leaked special tokens would hide a leading label
-    labelled = _after_label(text, CONTEXT_LABEL)
+    labelled = _after_label(text, label)
     if labelled is None:
         follow_up = QUESTION_LABEL.search(text)
         labelled = text[: follow_up.start()] if follow_up and follow_up.start() > 0 else text
-    context = _tidy(labelled)
-    return context if len(context) >= min_chars else None
+    found = _tidy(labelled)
+    return found if len(found) >= min_chars else None
 
 
 def parse_qa_pair(text: str) -> tuple[str, str] | None:
