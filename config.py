@@ -29,6 +29,7 @@ class ConfigError(Exception):
 class FSDPOptions:
     sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD, SHARD_GRAD_OP, NO_SHARD or HYBRID_SHARD (shard in a node)
     cpu_offload_params: bool = False  # keep parameters on the CPU between uses (CUDA only)
+    prefetch_layers: int = 1  # decoder layers all-gathered ahead of use in forward and backward (overlap)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class LoraOptions:
 @dataclass
 class Config:
     model_path: str = EMBEDDED_MODEL  # HF folder, hub id, or the embedded SmolLM2-135M-Instruct
+    random_init: bool = False  # random weights from the model's config.json (benchmarks, training from scratch)
     data_path: str = "data/sample.jsonl"  # messages JSONL
     ckpt_output_dir: str = "runs/default"  # checkpoints, metrics.jsonl, plots
     data_output_dir: str = "runs/default/data"  # tokenized arrays (made by train.py when missing or stale)
@@ -68,7 +70,9 @@ class Config:
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
     random_seed: int = 42  # data order and initialization
     dtype: str = "auto"  # compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
-    gradient_checkpointing: bool = False  # recompute each decoder layer in backward to save memory
+    activation_checkpointing: str = "none"  # none, full (recompute each layer) or selective (not matmuls)
+    torch_compile: bool = False  # compile each decoder layer with torch.compile (first steps are slower)
+    num_threads: int = 0  # CPU threads per process; 0 = the cores divided among this node's processes
     disable_flash_attn: bool = False  # use sdpa with a block mask even where flash-attn is installed
     save_samples: int = 0  # 0 = no mid-epoch HF checkpoints
     checkpoint_at_epoch: bool = True  # an HF checkpoint at every epoch end
@@ -89,6 +93,7 @@ class Config:
 CHOICES = {
     "lr_scheduler": ("constant", "linear", "cosine"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "activation_checkpointing": ("none", "full", "selective"),
     "distributed_backend": ("fsdp", "deepspeed", "none"),
     "fsdp_options.sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
     "deepspeed_options.zero_stage": (2, 3),
@@ -247,6 +252,12 @@ def check_combinations(cfg: Config) -> list[str]:
                         "so that every kept sample fits in a micro-batch")
     if cfg.effective_batch_size < 1:
         problems.append("effective_batch_size must be at least 1")
+    if cfg.num_threads < 0:
+        problems.append(f"num_threads must be 0 (automatic) or a positive count, got {cfg.num_threads}")
+    if cfg.fsdp_options.prefetch_layers < 0:
+        problems.append(f"fsdp_options.prefetch_layers must be 0 or more, got {cfg.fsdp_options.prefetch_layers}")
+    if cfg.random_init and cfg.lora.rank > 0:
+        problems.append("random_init with lora.rank > 0 would train adapters on a random base: set lora.rank=0")
     return problems
 
 

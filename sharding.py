@@ -72,6 +72,11 @@ def load_lm(model_path: str, cfg: Config, rank: int, world_size: int, compute_dt
                                                   attn_implementation=attn)
         lm.tie_weights()  # init_empty_weights unties the output head from the embedding
         check_packing_support(lm.config)
+    elif cfg.random_init:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=torch.float32,
+                                              attn_implementation=attn)
+        check_packing_support(lm.config)
     else:
         quantization = None
         if cfg.lora.quantize_data_type == "nf4":
@@ -100,8 +105,12 @@ def prepare(model, cfg: Config, device: torch.device, world_size: int, compute_d
     which the LR scheduler drives."""
     backend = backend_for(cfg, world_size)
     model.train()  # HF loads in eval mode: LoRA dropout would be off and bitsandbytes would repack 4-bit weights
-    if cfg.gradient_checkpointing:  # per decoder layer
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.activation_checkpointing != "none":
+        enable_activation_checkpointing(model.lm, cfg.activation_checkpointing)
+    if cfg.torch_compile:
+        for layer in model.lm.get_decoder().layers:
+            # forward only: FSDP's hooks stay outside the graph and parameter names stay unchanged
+            layer.forward = torch.compile(layer.forward, dynamic=True)
     if backend == "fsdp":
         shard_fsdp2(model, cfg, device, world_size, compute_dtype)
     elif backend == "deepspeed":
@@ -109,6 +118,31 @@ def prepare(model, cfg: Config, device: torch.device, world_size: int, compute_d
     else:
         model.to(device)
     return model, make_optimizer(model)
+
+
+def costly_ops() -> list:
+    """What selective activation checkpointing keeps: matmul and attention outputs. The cheap rest (norms,
+    activations, rotary) is recomputed, and their saved inputs were most of the memory."""
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    ops = [getattr(torch.ops.aten, name).default for name in names]
+    if hasattr(torch.ops.flash_attn, "_flash_attn_varlen_forward"):  # registered once flash_attn is imported
+        ops.append(torch.ops.flash_attn._flash_attn_varlen_forward.default)
+    return ops
+
+
+def enable_activation_checkpointing(lm, mode: str):
+    """Recompute each decoder layer in backward; `selective` keeps the outputs of costly_ops()."""
+    from functools import partial
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    kwargs = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, costly_ops())
+    if hasattr(lm, "activation_checkpointing_enable"):  # its name since transformers 5.x
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def shard_fsdp2(model, cfg: Config, device: torch.device, world_size: int, compute_dtype: torch.dtype):
@@ -129,9 +163,15 @@ def shard_fsdp2(model, cfg: Config, device: torch.device, world_size: int, compu
               "offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
     full_state = model.state_dict() if dist.get_rank() == 0 else {}  # rank 0's weights, kept for the broadcast
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    for layer in model.lm.get_decoder().layers:
+    layers = list(model.lm.get_decoder().layers)
+    for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    ahead = cfg.fsdp_options.prefetch_layers
+    if ahead:  # issue the next layers' all-gathers early so they overlap this layer's compute
+        for i, layer in enumerate(layers):
+            layer.set_modules_to_forward_prefetch(layers[i + 1:i + 1 + ahead])
+            layer.set_modules_to_backward_prefetch(layers[max(0, i - ahead):i][::-1])
     model.to_empty(device=device)  # this rank's shards, filled from rank 0 below
     with torch.no_grad():
         for name, b in model.named_buffers():

@@ -38,7 +38,11 @@ class TrainingError(Exception):
     pass
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
+def setup_distributed(num_threads: int = 0) -> tuple[int, int, torch.device]:
+    """Rank, world size and device. CPU threads: torchrun pins every process to one, so share the cores instead
+    (more threads than cores slows every process down)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(num_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -46,8 +50,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        # torchrun pins every process to one thread; share the cores instead
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -98,13 +100,13 @@ def _tokenized_matches(cfg: Config, model_path: str, meta_file: Path) -> bool:
         and meta.get("chat_tmpl_path") == cfg.chat_tmpl_path
 
 
-def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
     """AdamW; no weight decay on norms and biases. Edit here to try another optimizer."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
-                             fused=device.type == "cuda")
+    # fused: one kernel over all tensors; on CPU 10x faster than foreach (bench/train_throughput.py --ladder)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), fused=True)
 
 
 def build_scheduler(optimizer, cfg: Config, total_steps: int):
@@ -171,7 +173,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def train(cfg: Config) -> dict:
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(cfg.num_threads)
     sharding.check_combination(cfg, world_size, device)
     torch.manual_seed(cfg.random_seed)
     if rank == 0:
@@ -185,7 +187,7 @@ def train(cfg: Config) -> dict:
     attn = attention_backend(device, cfg.disable_flash_attn)
     lm = sharding.load_lm(model_path, cfg, rank, world_size, dtype, attn)  # fp32 master weights
     model, optimizer = sharding.prepare(CausalLMWithLoss(lm), cfg, device, world_size, dtype,
-                                        lambda m: build_optimizer(m, cfg, device))
+                                        lambda m: build_optimizer(m, cfg))
     use_autocast = dtype != torch.float32 and sharding.backend_for(cfg, world_size) == "none"
     ctx = {"device": device, "attn": attn, "max_grad_norm": cfg.max_grad_norm,
            "autocast": torch.autocast(device.type, dtype=dtype) if use_autocast else nullcontext()}

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +49,39 @@ def environment(extra_packages: tuple[str, ...] = ()) -> dict:
     for name in extra_packages:
         env[name] = importlib.import_module(name).__version__
     return env
+
+
+def run_train_py(overrides: list[str], metrics_file: Path, timeout_s: float, nproc: int = 1,
+                 stop_after: int = 0) -> dict:
+    """train.py as users run it (under torchrun when nproc > 1). Notes when each metrics line appears, as an
+    outside clock for its steps; stop_after > 0 kills the run once that many steps are logged (no final save)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    proc = subprocess.Popen([*launcher, "train.py", "--config", "", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    arrivals: list[float] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while proc.poll() is None and not (stop_after and len(arrivals) >= stop_after):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"error: train.py ran past {timeout_s:.0f}s; lower the sizes or raise --timeout")
+            if metrics_file.exists():
+                with open(metrics_file) as f:
+                    lines = f.read().count("\n")  # complete lines only
+                arrivals += [time.perf_counter()] * (lines - len(arrivals))
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
+            proc.wait()
+    output = proc.stdout.read()
+    if proc.returncode != 0 and not stop_after:
+        raise SystemExit(f"error: train.py failed (exit {proc.returncode}):\n{output[-3000:]}")
+    text = metrics_file.read_text() if metrics_file.exists() else ""
+    rows = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+    if stop_after and len(rows) < stop_after:
+        raise SystemExit(f"error: train.py stopped after {len(rows)} of {stop_after} steps:\n{output[-3000:]}")
+    return {"rows": rows, "arrivals": arrivals, "output": output}
 
 
 def lognormal_lengths(n: int, median: float, sigma: float, low: int, high: int, seed: int) -> np.ndarray:

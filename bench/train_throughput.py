@@ -5,11 +5,12 @@ forward+backward of the same packed rows (the compute limit).
 
 Same model (the embedded SmolLM2-135M-Instruct, fp32 on CPU), same tokenized lognormal-length conversations,
 same optimizer steps (the sampler's plan: `effective_batch_size` samples each, fed to the Trainer in that order,
-padded to the longest sample of each batch), same thread count. Every figure counts real tokens only; the first
-`--warmup` steps of each method are not timed. The bench also times train.py from outside (when each line of its
-metrics.jsonl appears) and checks that the logged tokens_per_s agrees with that timing.
+padded to the longest sample of each batch), same optimizer (fused AdamW), same thread count. Every figure counts
+real tokens only; the first `--warmup` steps of each method are not timed. The bench also times train.py from
+outside (when each line of its metrics.jsonl appears) and checks that the logged tokens_per_s agrees with that.
 
-    --ladder    also times the raw forward+backward with each optimization of model.py switched off in turn
+    --ladder    also times the raw forward+backward with each optimization of model.py switched off in turn, and
+                the optimizer step with torch's default (foreach) AdamW against the fused one train.py uses
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import ROOT, environment, save_result, write_jsonl  # noqa: E402
+from bench.common import environment, run_train_py, save_result, write_jsonl  # noqa: E402
 from bench.tokenize import vocab_conversations  # noqa: E402
 
 import sampler  # noqa: E402
@@ -39,31 +39,6 @@ import train  # noqa: E402
 from config import EMBEDDED_MODEL, exit_on_error, load_config  # noqa: E402
 from model import CausalLMWithLoss, load_model, load_tokenizer, pack, resolve_model_path  # noqa: E402
 from tokenize_data import tokenize_dataset  # noqa: E402
-
-
-def run_train_py(overrides: list[str], out_dir: Path, timeout_s: float) -> dict:
-    """train.py as users run it; notes when each metrics line appears, as an outside clock for its steps."""
-    cmd = [sys.executable, "train.py", "--config", "", *overrides]
-    metrics_file = out_dir / "metrics.jsonl"
-    arrivals: list[float] = []
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"error: train.py ran past {timeout_s:.0f}s; lower --samples or --steps")
-            if metrics_file.exists():
-                lines = sum(1 for _ in open(metrics_file))
-                arrivals += [time.perf_counter()] * (lines - len(arrivals))
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    output = proc.stdout.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"error: train.py failed (exit {proc.returncode}):\n{output[-3000:]}")
-    rows = [json.loads(line) for line in open(metrics_file)]
-    return {"rows": rows, "arrivals": arrivals}
 
 
 def hf_trainer_steps(model_path: str, data: dict, plan: list[dict], lr: float, out_dir: Path) -> list[tuple]:
@@ -95,7 +70,7 @@ def hf_trainer_steps(model_path: str, data: dict, plan: list[dict], lr: float, o
     batch_size = plan[0]["num_samples"]
     args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=batch_size, max_steps=len(plan),
                              learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, adam_beta1=0.9,
-                             adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch", logging_strategy="no",
+                             adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch_fused", logging_strategy="no",
                              save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
                              train_sampling_strategy="sequential", remove_unused_columns=False, disable_tqdm=True)
     lm = load_model(model_path, torch.float32, "sdpa")
@@ -147,6 +122,20 @@ def raw_steps(model, data: dict, plan: list[dict], **variant) -> list[tuple]:
     return out
 
 
+def optimizer_step_seconds(model, fused: bool, repeats: int = 3) -> float:
+    """One AdamW step over every parameter, as train.py takes it (fused) or with torch's default (foreach)."""
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-9, fused=fused, foreach=None if fused else True)
+    opt.step()  # creates the state
+    start = time.perf_counter()
+    for _ in range(repeats):
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / repeats
+
+
 def rate(steps: list[tuple]) -> float:
     return sum(t for _, t in steps) / sum(s for s, _ in steps)
 
@@ -187,7 +176,7 @@ def main():
                                   cfg.max_batch_len, 1, cfg.random_seed, 0)[:total_steps]
         step_tokens = [sum(int(data["lengths"][i]) for m in s["micro_batches"] for r in m for i in r) for s in plan]
 
-        ran = run_train_py(overrides, work / "run", args.timeout)
+        ran = run_train_py(overrides, work / "run" / "metrics.jsonl", args.timeout)
         rows, arrivals = ran["rows"], ran["arrivals"]
         assert [r["num_tokens"] for r in rows] == step_tokens, "train.py trained other tokens than the plan"
         timed = rows[args.warmup:]
@@ -206,6 +195,8 @@ def main():
                 steps = raw_steps(model, data, plan, bool_mask=b, chunked_ce=c, all_logits=a)[args.warmup:]
                 result["ladder_raw_tokens_per_s"][name] = rate(steps)
                 print(f"ladder {name}: {rate(steps):.1f} tokens/s", flush=True)
+            result["ladder_optimizer_step_s"] = {"foreach AdamW (torch default)": optimizer_step_seconds(model, False),
+                                                 "fused AdamW (now)": optimizer_step_seconds(model, True)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -231,6 +222,9 @@ def main():
         print(f"train.py's logged step_time_s / the bench's own clock: {result['logged_vs_outside_step_time']:.3f}")
     for name, r in result.get("ladder_raw_tokens_per_s", {}).items():
         print(f"ladder (raw fwd+bwd) {name:45} {r:9.1f} tokens/s {r / rates['hf_trainer_padded']:6.2f}x the Trainer")
+    step_s = np.mean([s for s, _ in raw[args.warmup:]])
+    for name, seconds in result.get("ladder_optimizer_step_s", {}).items():
+        print(f"ladder optimizer step: {name:30} {seconds:7.3f} s ({seconds / step_s:.0%} of a step's fwd+bwd)")
     print(f"saved {save_result('train_throughput', result, args.json)}")
 
 

@@ -41,9 +41,25 @@ def test_train_throughput_bench_agrees_with_train_py_metrics(tmp_path, tiny_mode
     result = json.loads((tmp_path / "r.json").read_text())
     assert set(result["tokens_per_s"]) == {"train.py", "hf_trainer_padded", "raw_fwd_bwd_packed"}
     assert all(r > 0 for r in result["tokens_per_s"].values())
-    assert len(result["ladder_raw_tokens_per_s"]) == 4
+    assert len(result["ladder_raw_tokens_per_s"]) == 4 and len(result["ladder_optimizer_step_s"]) == 2
     assert len(result["train_py_metrics"]) == 2 and len(result["step_tokens"]) == 3
     assert 0 < result["hf_padding_fraction"] < 1  # lognormal lengths: padded batches carry padding
     # train.py's logged step times against the bench's own clock (when each metrics line appeared)
     assert 0.2 < result["logged_vs_outside_step_time"] <= 1.05
     assert "train.py is" in out
+
+
+def test_mfu_bench_runs_train_py_and_the_padding_free_trainer_on_a_shape(tmp_path):
+    out = run_bench("mfu.py", "--shape", "tiny", "--tokens-per-gpu", "256", "--seq-len", "64", "--steps", "2",
+                    "--warmup", "1", "--ladder", "--json", str(tmp_path / "m.json"))
+    result = json.loads((tmp_path / "m.json").read_text())
+    names = [r["name"] for r in result["runs"]]
+    assert names == ["default", "torch.compile", "selective activation checkpointing",
+                     "full activation checkpointing", "hf_trainer_padding_free"]  # CPU: no flash-attn, one process
+    for r in result["runs"]:
+        assert r["tokens_per_s"] > 0 and r["tflops_per_s"] > 0 and r["peak_memory_gb"] > 0
+        assert r["mfu"] is None  # no GPU peak to divide by on CPU
+    for r in result["runs"][:-1]:
+        # train.py's own step timing against the bench's clock (polled every 5 ms, steps of about a second)
+        assert 0.8 < r["logged_vs_outside_step_time"] <= 1.05
+    assert result["train_py_vs_hf_tokens_per_s"] > 0 and "train.py vs the Trainer" in out

@@ -10,9 +10,9 @@ from config import ConfigError, load_config
 
 def test_overrides_are_typed_from_the_schema():
     cfg = load_config(None, ["lora.rank=8", "max_steps=3", "learning_rate=1e-4", "adam_betas=[0.8, 0.9]",
-                             "gradient_checkpointing=true", "lora.target_modules=q_proj,v_proj", "resume=false"])
+                             "activation_checkpointing=selective", "lora.target_modules=q_proj,v_proj", "resume=false"])
     assert cfg.lora.rank == 8 and cfg.max_steps == 3 and cfg.learning_rate == 1e-4
-    assert cfg.adam_betas == [0.8, 0.9] and cfg.gradient_checkpointing is True
+    assert cfg.adam_betas == [0.8, 0.9] and cfg.activation_checkpointing == "selective"
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.resume == "false"
 
 

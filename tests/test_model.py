@@ -59,3 +59,44 @@ def test_models_that_mix_the_sequence_are_refused():
     cfg = type("C", (), {"model_type": "hybrid", "layer_types": ["full_attention", "linear_attention"]})()
     with pytest.raises(ConfigError, match="linear_attention"):
         check_packing_support(cfg)
+
+
+def test_activation_checkpointing_keeps_gradients_and_recomputes_what_its_mode_says(tiny_model_dir):
+    """Ops run during backward: `full` re-runs every layer's matmuls and attention, `selective` re-runs only the
+    cheap ops (activations, norms) and keeps matmul and attention outputs; gradients are identical either way."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import sharding
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    runs = {}
+    for mode in ("none", "full", "selective"):
+        model = CausalLMWithLoss(load_model(tiny_model_dir, torch.float32, "sdpa")).train()
+        if mode != "none":
+            sharding.enable_activation_checkpointing(model.lm, mode)
+        batch = pack(random_samples(3, model.lm.config.vocab_size), torch.device("cpu"), "sdpa")
+        loss = model(**batch, loss_scale=1e-2)
+        with CountOps() as counted:
+            loss.backward()
+        runs[mode] = ({k: p.grad for k, p in model.named_parameters()}, counted.ops)
+    grads, ops = runs["none"]
+    layers = 2
+    attention = "_scaled_dot_product_flash_attention_for_cpu"
+    assert ops["silu"] == 0 and ops[attention] == 0  # without checkpointing nothing of the forward re-runs
+    assert runs["full"][1]["mm"] == ops["mm"] + 6 * layers  # q k v o gate up; down_proj's output is not needed
+    assert runs["full"][1][attention] == layers and runs["full"][1]["silu"] == layers
+    assert runs["selective"][1]["mm"] == ops["mm"] and runs["selective"][1][attention] == 0
+    assert runs["selective"][1]["silu"] == layers and runs["selective"][1]["rsqrt"] == 2 * layers
+    for mode in ("full", "selective"):
+        for k, g in runs[mode][0].items():
+            torch.testing.assert_close(g, grads[k], atol=0, rtol=0, msg=f"{mode}: {k}")

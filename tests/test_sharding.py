@@ -19,7 +19,6 @@ from config import ConfigError, load_config
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
-
 def args_for(model_dir, dataset, out_dir, **extra):
     args = {"model_path": model_dir, **dataset, "ckpt_output_dir": str(out_dir), "max_seq_len": 256,
             "effective_batch_size": 16, "learning_rate": 1e-3, "lr_scheduler": "constant", "max_batch_len": 300,
@@ -84,10 +83,17 @@ def reference(tmp_path_factory, tiny_model_dir, dataset):
     return out
 
 
-@pytest.mark.parametrize("backend", ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "zero2"])
-def test_one_step_matches_single_process(tmp_path, tiny_model_dir, dataset, reference, backend):
-    extra = {"distributed_backend": "deepspeed", "deepspeed_options.zero_stage": backend[-1]} \
-        if backend.startswith("zero") else {"fsdp_options.sharding_strategy": backend}
+ZERO2 = {"distributed_backend": "deepspeed", "deepspeed_options.zero_stage": 2}
+
+
+@pytest.mark.parametrize("extra", [
+    {"fsdp_options.sharding_strategy": "FULL_SHARD"},
+    {"fsdp_options.sharding_strategy": "SHARD_GRAD_OP"},
+    {"fsdp_options.sharding_strategy": "NO_SHARD"},
+    {"fsdp_options.prefetch_layers": 2, "activation_checkpointing": "selective"},
+    {"fsdp_options.prefetch_layers": 0, "activation_checkpointing": "full"},
+    ZERO2], ids=["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "prefetch2_selective_ac", "prefetch0_full_ac", "zero2"])
+def test_one_step_matches_single_process(tmp_path, tiny_model_dir, dataset, reference, extra):
     run(args_for(tiny_model_dir, dataset, tmp_path, **extra), nproc=2)
     assert_same_step(tmp_path, reference)
 

@@ -17,8 +17,6 @@ import train
 from config import load_config
 
 
-
-
 def base_args(tiny_model_dir, dataset, out_dir, **extra):
     args = {"model_path": tiny_model_dir, **dataset, "ckpt_output_dir": str(out_dir), "max_seq_len": 256,
             "effective_batch_size": 16, "learning_rate": 1e-3, "lr_scheduler": "constant", "warmup_steps": 0,
@@ -160,7 +158,7 @@ def test_optimizer_and_loss_are_swapped_by_editing_one_function(tmp_path, tiny_m
     used = {"optimizer": 0, "loss": 0}
     plain_loss = model.loss_fn
 
-    def sgd(m, cfg, device):
+    def sgd(m, cfg):
         used["optimizer"] += 1
         return torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=cfg.learning_rate)
 
@@ -195,3 +193,33 @@ def test_non_finite_loss_stops_before_the_update_and_logs_plot(tmp_path, tiny_mo
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     png = logger.plot(str(out))
     assert png.exists() and png.stat().st_size > 10_000
+
+
+def test_torch_compile_trains_the_same_steps(tmp_path, tiny_model_dir, dataset):
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    run_train(base_args(tiny_model_dir, dataset, plain, max_steps=2, effective_batch_size=8))
+    run_train(base_args(tiny_model_dir, dataset, compiled, max_steps=2, effective_batch_size=8, torch_compile=True))
+    for step in (1, 2):  # the samples differ in length every step: one dynamic-shape graph serves them all
+        assert metrics(compiled)[step]["loss"] == pytest.approx(metrics(plain)[step]["loss"], rel=1e-5)
+    assert_same_weights(weights(compiled), weights(plain), atol=1e-5)
+
+
+def test_random_init_needs_only_a_config(tmp_path, tiny_model_dir):
+    shape_only = tmp_path / "shape"
+    shape_only.mkdir()
+    for name in os.listdir(tiny_model_dir):
+        if not name.endswith(".safetensors"):
+            os.link(os.path.join(tiny_model_dir, name), shape_only / name)
+    args = [f"model_path={shape_only}", f"ckpt_output_dir={tmp_path / 'run'}", "mock_data=true", "mock_data_len=32",
+            "mock_data_samples=8", "effective_batch_size=4", "num_epochs=1", "dtype=float32",
+            "keep_last_checkpoint_only=true"]
+    refused = run_train(args, check=False)
+    assert refused.returncode == 2 and f"cannot load model '{shape_only}'" in refused.stderr
+    run_train([*args, "random_init=true"])
+    first = metrics(tmp_path / "run")[1]["loss"]
+    vocab = json.load(open(shape_only / "config.json"))["vocab_size"]
+    assert abs(first - np.log(vocab)) < 1.0  # a random model predicts about uniformly
+    trained = weights(tmp_path / "run")
+    pretrained = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.allclose(trained[key], pretrained[key], atol=1e-2)  # not the folder's weights
