@@ -18,20 +18,22 @@ def random_samples(n, vocab, seed=0):
     return out
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa_varlen", "sdpa", "eager"])
 def test_packed_logits_equal_unpacked(tiny_model_dir, attn):
     lm = load_model(tiny_model_dir, torch.float32, attn).eval()
     samples = random_samples(5, lm.config.vocab_size)
     batch = pack(samples, torch.device("cpu"), attn)
+    varlen = {"sample_bounds": batch["sample_bounds"]} if attn == "sdpa_varlen" else {}
     with torch.no_grad():
         packed = lm(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    attention_mask=batch["attention_mask"]).logits[0]
-        singles = [lm(input_ids=torch.as_tensor(ids)[None]).logits[0] for ids, _ in samples]
+                    attention_mask=batch["attention_mask"], **varlen).logits[0]
+        singles = [lm(input_ids=torch.as_tensor(ids)[None], sample_bounds=[0, len(ids)] if varlen else None).logits[0]
+                   for ids, _ in samples]
     torch.testing.assert_close(packed, torch.cat(singles), atol=1e-5, rtol=1e-5)
-    # without the block mask, position_ids alone let attention cross samples
-    with torch.no_grad():
-        leaky = lm(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
-    assert not torch.allclose(leaky, torch.cat(singles), atol=1e-3)
+    if not varlen:  # without the block mask, position_ids alone let attention cross samples
+        with torch.no_grad():
+            leaky = lm(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        assert not torch.allclose(leaky, torch.cat(singles), atol=1e-3)
 
 
 def test_loss_is_summed_token_ce_over_global_count(tiny_model_dir):
@@ -100,3 +102,23 @@ def test_activation_checkpointing_keeps_gradients_and_recomputes_what_its_mode_s
     for mode in ("full", "selective"):
         for k, g in runs[mode][0].items():
             torch.testing.assert_close(g, grads[k], atol=0, rtol=0, msg=f"{mode}: {k}")
+
+
+def test_sdpa_varlen_keeps_a_sliding_window_inside_each_sample(tokenizer, tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    varlen = load_model(str(tmp_path), torch.float32, "sdpa_varlen").eval()
+    reference = load_model(str(tmp_path), torch.float32, "eager").eval()  # HF's own sliding-window mask
+    samples = random_samples(3, config.vocab_size, seed=2)  # 5 to 40 tokens: longer than the window
+    batch = pack(samples, torch.device("cpu"), "sdpa_varlen")
+    with torch.no_grad():
+        packed = varlen(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                        sample_bounds=batch["sample_bounds"]).logits[0]
+        singles = torch.cat([reference(input_ids=torch.as_tensor(ids)[None]).logits[0] for ids, _ in samples])
+        reference.config.sliding_window = None
+        unwindowed = torch.cat([reference(input_ids=torch.as_tensor(ids)[None]).logits[0] for ids, _ in samples])
+    torch.testing.assert_close(packed, singles, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unwindowed, singles, atol=1e-3)  # the window mattered for these lengths
