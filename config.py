@@ -73,7 +73,7 @@ class Config:
     activation_checkpointing: str = "none"  # none, full (recompute each layer) or selective (not matmuls)
     torch_compile: bool = False  # compile each decoder layer with torch.compile (first steps are slower)
     num_threads: int = 0  # CPU threads per process; 0 = the cores divided among this node's processes
-    disable_flash_attn: bool = False  # use sdpa with a block mask even where flash-attn is installed
+    disable_flash_attn: bool = False  # attention per sample with torch sdpa even where flash-attn is installed
     save_samples: int = 0  # 0 = no mid-epoch HF checkpoints
     checkpoint_at_epoch: bool = True  # an HF checkpoint at every epoch end
     keep_last_checkpoint_only: bool = False  # one HF folder, hf_format/last_epoch, replaced each save

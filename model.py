@@ -82,7 +82,12 @@ def sdpa_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling=
                 sliding_window=None, **kwargs):
     """Attention of a packed row, one sample at a time with torch's causal sdpa: what flash-attn varlen does in one
     kernel. It costs sum(length^2) instead of the row's length^2 and needs no row-sized mask (1.33x faster fwd+bwd
-    than the block mask on CPU, bench/train_throughput.py --ladder). Returns (batch, tokens, heads, head_dim)."""
+    than the block mask on CPU, bench/train_throughput.py --ladder). Returns (batch, tokens, heads, head_dim).
+    Without sample_bounds (generation, merge checks) it is HF's own sdpa over the unpadded sequence."""
+    if sample_bounds is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     outs = []
     for a, b in zip(sample_bounds[:-1], sample_bounds[1:]):
         band = None
@@ -94,10 +99,18 @@ def sdpa_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling=
     return torch.cat(outs, dim=2).transpose(1, 2), None
 
 
+def no_row_mask(*args, attention_mask=None, **kwargs):
+    """sdpa_varlen isolates samples itself, so no row-sized mask is built; padded batches are not its job."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("attn_implementation 'sdpa_varlen' takes packed rows without padding; load the model "
+                         "with attn_implementation='sdpa' for padded batches")
+    return None
+
+
 def _register_sdpa_varlen():
     from transformers import AttentionInterface, AttentionMaskInterface
     AttentionInterface.register("sdpa_varlen", sdpa_varlen)
-    AttentionMaskInterface.register("sdpa_varlen", lambda *args, **kwargs: None)  # isolation is in the loop
+    AttentionMaskInterface.register("sdpa_varlen", no_row_mask)
 
 
 _register_sdpa_varlen()
@@ -137,7 +150,7 @@ def pack(samples: list[tuple[np.ndarray, np.ndarray]], device: torch.device, att
              "targets": torch.from_numpy(targets).to(device)}
     if attn_implementation == "sdpa_varlen":
         batch["sample_bounds"] = np.cumsum([0, *lengths]).tolist()
-    # CPU sdpa runs a float (additive) mask ~20% faster than a boolean one (bench/train_throughput.py --ladder)
+    # eager needs an additive float mask; CPU sdpa runs either at the same speed (bench/train_throughput.py --ladder)
     batch["attention_mask"] = None if attn_implementation in ("flash_attention_2", "sdpa_varlen") else \
         block_causal_mask(lengths, device, additive=attn_implementation == "eager" or device.type == "cpu")
     return batch

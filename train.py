@@ -161,8 +161,9 @@ def model_flops(lm, lengths: list[int]) -> float:
     cfg = lm.config
     def numel(p):  # ZeRO-3 leaves only this rank's partition in p; ds_numel is the whole
         return getattr(p, "ds_numel", p.numel())
-    n = sum(numel(p) for p in lm.parameters()) - numel(lm.get_input_embeddings().weight) \
-        + numel(lm.get_output_embeddings().weight)
+    embedding, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
+    # every parameter is a matmul but the embedding lookup; a tied head shares its tensor but is still a matmul
+    n = sum(numel(p) for p in lm.parameters()) - numel(embedding) + (numel(head) if head is embedding else 0)
     return 6 * n * sum(lengths) + 6 * cfg.num_hidden_layers * cfg.hidden_size * sum(x * x for x in lengths)
 
 

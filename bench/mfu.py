@@ -119,7 +119,8 @@ def hf_trainer_worker(spec: dict) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(spec["model_dir"])
-    lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention_backend(device))
+    attn = "flash_attention_2" if attention_backend(device) == "flash_attention_2" else "sdpa"  # HF's own kernels
+    lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": ids, "labels": ids} for ids in
             torch.randint(0, 1000, (spec["samples_per_step"] * spec["steps"], spec["seq_len"]),

@@ -63,3 +63,19 @@ def test_mfu_bench_runs_train_py_and_the_padding_free_trainer_on_a_shape(tmp_pat
         # train.py's own step timing against the bench's clock (polled every 5 ms, steps of about a second)
         assert 0.8 < r["logged_vs_outside_step_time"] <= 1.05
     assert result["train_py_vs_hf_tokens_per_s"] > 0 and "train.py vs the Trainer" in out
+
+
+def test_train_py_flops_match_the_mfu_bench_formula_for_tied_and_untied_heads():
+    """Two independent counts of training FLOPs: train.py's from the parameters (logged MFU) and bench/mfu.py's
+    from the shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import train
+    from bench.mfu import SHAPES, shape_flops_per_token
+    lengths = [10, 37, 5]
+    for tied in (True, False):
+        shape = {**SHAPES["tiny"], "vocab_size": 500, "tie_word_embeddings": tied}
+        lm = LlamaForCausalLM(LlamaConfig(**shape))
+        param_flops, attention_flops = shape_flops_per_token(shape)
+        want = param_flops * sum(lengths) + attention_flops * sum(n * n for n in lengths)
+        assert train.model_flops(lm, lengths) == want, tied

@@ -122,3 +122,15 @@ def test_sdpa_varlen_keeps_a_sliding_window_inside_each_sample(tokenizer, tmp_pa
         unwindowed = torch.cat([reference(input_ids=torch.as_tensor(ids)[None]).logits[0] for ids, _ in samples])
     torch.testing.assert_close(packed, singles, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(unwindowed, singles, atol=1e-3)  # the window mattered for these lengths
+
+
+def test_sdpa_varlen_model_still_runs_plain_forwards_and_refuses_padding(tiny_model_dir):
+    varlen = load_model(tiny_model_dir, torch.float32, "sdpa_varlen").eval()
+    reference = load_model(tiny_model_dir, torch.float32, "sdpa").eval()
+    ids = torch.as_tensor(random_samples(1, varlen.config.vocab_size)[0][0])[None]
+    with torch.no_grad():  # no sample_bounds: HF's own sdpa, as in generation or the LoRA merge check
+        torch.testing.assert_close(varlen(input_ids=ids).logits, reference(input_ids=ids).logits)
+        padded = torch.ones_like(ids)
+        padded[0, 0] = 0
+        with pytest.raises(ValueError, match="packed rows without padding"):
+            varlen(input_ids=ids, attention_mask=padded)
