@@ -203,6 +203,8 @@ def train(cfg: Config) -> dict:
     if resume_from:
         state = checkpoint.load_full_state(resume_from, model, optimizer, scheduler, state["fingerprint"])
     log = MetricsLogger(cfg.ckpt_output_dir, total_steps, state["global_step"], rank == 0, cfg.tensorboard)
+    log.message(f"{world_size} process(es) on {device.type}, {torch.get_num_threads()} CPU thread(s) each, "
+                f"attention {attn}, {len(data['lengths'])} samples, {total_steps} steps")
     if resume_from:
         log.message(f"resumed from {resume_from} at step {state['global_step']}")
     ctx["stop_requested"] = install_stop_handlers()

@@ -61,8 +61,11 @@ def run_train_py(overrides: list[str], metrics_file: Path, timeout_s: float, npr
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     arrivals: list[float] = []
     deadline = time.monotonic() + timeout_s
+    last_poll, resolution = time.perf_counter(), 0.0  # the longest gap between looks: this clock's error bound
     try:
         while proc.poll() is None and not (stop_after and len(arrivals) >= stop_after):
+            now = time.perf_counter()
+            resolution, last_poll = max(resolution, now - last_poll), now
             if time.monotonic() > deadline:
                 raise SystemExit(f"error: train.py ran past {timeout_s:.0f}s; lower the sizes or raise --timeout")
             if metrics_file.exists():
@@ -81,7 +84,7 @@ def run_train_py(overrides: list[str], metrics_file: Path, timeout_s: float, npr
     rows = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
     if stop_after and len(rows) < stop_after:
         raise SystemExit(f"error: train.py stopped after {len(rows)} of {stop_after} steps:\n{output[-3000:]}")
-    return {"rows": rows, "arrivals": arrivals, "output": output}
+    return {"rows": rows, "arrivals": arrivals, "output": output, "clock_resolution_s": resolution}
 
 
 def lognormal_lengths(n: int, median: float, sigma: float, low: int, high: int, seed: int) -> np.ndarray:

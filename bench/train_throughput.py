@@ -217,6 +217,7 @@ def main():
     if outside:
         logged, measured = sum(r["step_time_s"] for r in timed), sum(outside)
         result["logged_vs_outside_step_time"] = logged / measured
+        result["outside_clock_error_bound"] = 2 * ran["clock_resolution_s"] / measured  # one look late at each end
     print(json.dumps(result["env"]))
     print(f"{len(plan)} steps of {args.effective_batch_size} samples, {np.mean(step_tokens):.0f} real tokens each; "
           f"the Trainer's padded batches are {result['hf_padding_fraction']:.0%} padding")

@@ -45,7 +45,10 @@ def test_train_throughput_bench_agrees_with_train_py_metrics(tmp_path, tiny_mode
     assert len(result["train_py_metrics"]) == 2 and len(result["step_tokens"]) == 3
     assert 0 < result["hf_padding_fraction"] < 1  # lognormal lengths: padded batches carry padding
     # train.py's logged step times against the bench's own clock (when each metrics line appeared)
-    assert 0.2 < result["logged_vs_outside_step_time"] <= 1.05
+    # logged times leave out the moments between steps, so they may fall short of the outside clock, but never
+    # exceed it by more than the outside clock's own error (it looks every few ms; each end can be one look late)
+    bound = result["outside_clock_error_bound"]
+    assert 0.8 * (1 - bound) < result["logged_vs_outside_step_time"] <= 1 + bound
     assert "train.py is" in out
 
 
@@ -60,8 +63,9 @@ def test_mfu_bench_runs_train_py_and_the_padding_free_trainer_on_a_shape(tmp_pat
         assert r["tokens_per_s"] > 0 and r["tflops_per_s"] > 0 and r["peak_memory_gb"] > 0
         assert r["mfu"] is None  # no GPU peak to divide by on CPU
     for r in result["runs"][:-1]:
-        # train.py's own step timing against the bench's clock (polled every 5 ms, steps of about a second)
-        assert 0.8 < r["logged_vs_outside_step_time"] <= 1.05
+        # train.py's own step timing against the bench's clock, within that clock's error
+        bound = r["outside_clock_error_bound"]
+        assert 0.8 * (1 - bound) < r["logged_vs_outside_step_time"] <= 1 + bound
     assert result["train_py_vs_hf_tokens_per_s"] > 0 and "train.py vs the Trainer" in out
 
 

@@ -67,9 +67,12 @@ def test_one_step_same_for_one_rank_two_ranks_and_accumulation(tmp_path, tiny_mo
     one = tmp_path / "one"
     run_train(base_args(tiny_model_dir, dataset, one, max_steps=1))
     accum = tmp_path / "accum"  # budget of 300 tokens forces several micro-steps
-    run_train(base_args(tiny_model_dir, dataset, accum, max_steps=1, max_batch_len=300))
+    accum_run = run_train(base_args(tiny_model_dir, dataset, accum, max_steps=1, max_batch_len=300, num_threads=1))
     two = tmp_path / "two"
-    run_train(base_args(tiny_model_dir, dataset, two, max_steps=1, max_batch_len=300), nproc=2)
+    two_run = run_train(base_args(tiny_model_dir, dataset, two, max_steps=1, max_batch_len=300), nproc=2)
+    cores = len(os.sched_getaffinity(0))
+    assert "1 process(es) on cpu, 1 CPU thread(s) each, attention sdpa_varlen" in accum_run.stdout  # num_threads
+    assert f"2 process(es) on cpu, {max(1, cores // 2)} CPU thread(s) each" in two_run.stdout  # cores shared
     m1, ma, m2 = metrics(one)[1], metrics(accum)[1], metrics(two)[1]
     assert m1["num_tokens"] == ma["num_tokens"] == m2["num_tokens"]
     for m in (ma, m2):
