@@ -69,7 +69,7 @@ class Config:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
     random_seed: int = 42  # data order and initialization
-    dtype: str = "auto"  # compute dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16
     activation_checkpointing: str = "none"  # none, full (recompute each layer) or selective (not matmuls)
     torch_compile: bool = False  # compile each decoder layer with torch.compile (first steps are slower)
     num_threads: int = 0  # CPU threads per process; 0 = the cores divided among this node's processes

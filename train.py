@@ -116,9 +116,21 @@ def build_scheduler(optimizer, cfg: Config, total_steps: int):
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware multiplies it natively (autocast over fp32 master weights), else fp32."""
     if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
     return getattr(torch, cfg.dtype)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 fwd+bwd ran 2.1-2.8x fp32 on such a CPU (bench/train_throughput.py --ladder);
+    elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def sample(data: dict, i: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@ forward+backward of the same packed rows (the compute limit).
 
     python bench/train_throughput.py [--samples 48] [--median-words 50] [--steps 4] [--warmup 2] [--ladder]
 
-Same model (the embedded SmolLM2-135M-Instruct, fp32 on CPU), same tokenized lognormal-length conversations,
+Same model (the embedded SmolLM2-135M-Instruct, fp32), same tokenized lognormal-length conversations,
 same optimizer steps (the sampler's plan: `effective_batch_size` samples each, fed to the Trainer in that order,
 padded to the longest sample of each batch), same optimizer (fused AdamW), same thread count. Every figure counts
 real tokens only; the first `--warmup` steps of each method are not timed. The bench also times train.py from
@@ -79,12 +79,13 @@ def hf_trainer_steps(model_path: str, data: dict, plan: list[dict], lr: float, o
     return list(zip(times, real_tokens))
 
 
-LADDER = {  # name: (attention, boolean mask, chunked cross-entropy, loss over every position's logits)
-    "block mask (bool), chunked CE (first version)": ("sdpa", True, True, False),
-    "block mask (float), chunked CE": ("sdpa", False, True, False),
-    "block mask (float), logits of all tokens": ("sdpa", False, False, True),
-    "block mask (float), CE on trained tokens only": ("sdpa", False, False, False),
-    "per-sample sdpa, CE on trained tokens only (now)": ("sdpa_varlen", False, False, False),
+LADDER = {  # name: (attention, boolean mask, chunked cross-entropy, loss over every position's logits, bf16)
+    "block mask (bool), chunked CE (first version)": ("sdpa", True, True, False, False),
+    "block mask (float), chunked CE": ("sdpa", False, True, False, False),
+    "block mask (float), logits of all tokens": ("sdpa", False, False, True, False),
+    "block mask (float), CE on trained tokens only": ("sdpa", False, False, False, False),
+    "per-sample sdpa, CE on trained tokens only (fp32)": ("sdpa_varlen", False, False, False, False),
+    "the same in bf16 autocast (dtype=auto on a CPU with native bf16)": ("sdpa_varlen", False, False, False, True),
 }
 
 
@@ -107,7 +108,7 @@ def fwd_bwd(model, batch: dict, loss_scale: float, bool_mask=False, chunked_ce=F
     (loss * loss_scale).backward()
 
 
-def raw_steps(model, data: dict, plan: list[dict], attn: str, **variant) -> list[tuple]:
+def raw_steps(model, data: dict, plan: list[dict], attn: str, bf16=False, **variant) -> list[tuple]:
     """(seconds, tokens) of forward+backward of each step's packed rows: no optimizer, no logging, no sampler."""
     model.lm.set_attn_implementation(attn)
     out = []
@@ -117,7 +118,8 @@ def raw_steps(model, data: dict, plan: list[dict], attn: str, **variant) -> list
             samples = [train.sample(data, i) for i in micro[0]]
             start = time.perf_counter()
             batch = pack(samples, torch.device("cpu"), attn)
-            fwd_bwd(model, batch, 1.0 / step["num_loss_tokens"], **variant)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                fwd_bwd(model, batch, 1.0 / step["num_loss_tokens"], **variant)
             seconds += time.perf_counter() - start
             tokens += sum(len(s[0]) for s in samples)
         model.zero_grad(set_to_none=True)
@@ -196,8 +198,9 @@ def main():
         print(f"hf_trainer_padded: {rate(hf[args.warmup:]):.1f} tokens/s", flush=True)
         if args.ladder:
             result["ladder_raw_tokens_per_s"] = {}
-            for name, (attention, b, c, a) in LADDER.items():
-                steps = raw_steps(model, data, plan, attention, bool_mask=b, chunked_ce=c, all_logits=a)[args.warmup:]
+            for name, (attention, b, c, a, bf16) in LADDER.items():
+                steps = raw_steps(model, data, plan, attention, bf16, bool_mask=b, chunked_ce=c,
+                                  all_logits=a)[args.warmup:]
                 result["ladder_raw_tokens_per_s"][name] = rate(steps)
                 print(f"ladder {name}: {rate(steps):.1f} tokens/s", flush=True)
             result["ladder_optimizer_step_s"] = {"foreach AdamW (torch default)": optimizer_step_seconds(model, False),

@@ -41,7 +41,7 @@ def test_train_throughput_bench_agrees_with_train_py_metrics(tmp_path, tiny_mode
     result = json.loads((tmp_path / "r.json").read_text())
     assert set(result["tokens_per_s"]) == {"train.py", "hf_trainer_padded", "raw_fwd_bwd_packed"}
     assert all(r > 0 for r in result["tokens_per_s"].values())
-    assert len(result["ladder_raw_tokens_per_s"]) == 5 and len(result["ladder_optimizer_step_s"]) == 2
+    assert len(result["ladder_raw_tokens_per_s"]) == 6 and len(result["ladder_optimizer_step_s"]) == 2
     assert len(result["train_py_metrics"]) == 2 and len(result["step_tokens"]) == 3
     assert 0 < result["hf_padding_fraction"] < 1  # lognormal lengths: padded batches carry padding
     # train.py's logged step times against the bench's own clock (when each metrics line appeared)
