@@ -81,7 +81,7 @@ def attention_backend(device: torch.device, disable_flash_attn: bool = False) ->
 def sdpa_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sample_bounds=None,
                 sliding_window=None, **kwargs):
     """Attention of a packed row, one sample at a time with torch's causal sdpa: what flash-attn varlen does in one
-    kernel. It costs sum(length^2) instead of the row's length^2 and needs no row-sized mask (1.33x faster fwd+bwd
+    kernel. It costs sum(length^2) instead of the row's length^2 and needs no row-sized mask (1.4x faster fwd+bwd
     than the block mask on CPU, bench/train_throughput.py --ladder). Returns (batch, tokens, heads, head_dim).
     Without sample_bounds (generation, merge checks) it is HF's own sdpa over the unpadded sequence."""
     if sample_bounds is None:
