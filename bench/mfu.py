@@ -53,14 +53,15 @@ MULTI_GPU_LADDER = {"FSDP prefetch off": {"fsdp_options.prefetch_layers": 0},
 FLASH_LADDER = {"flash-attn off (sdpa + block mask)": {"disable_flash_attn": True}}  # when train.py uses it
 
 
-def shape_flops_per_token(shape: dict) -> tuple[float, float]:
-    """(6 x matmul parameters, attention factor 6 x layers x hidden) for one token of fwd+bwd."""
+def shape_flops(shape: dict, lengths: list[int]) -> float:
+    """Training FLOPs (fwd+bwd) of samples of these lengths: 6 x matmul parameters per token plus causal attention,
+    6 x layers x hidden x length^2 per sample. Counted from the shape alone, apart from train.py's own count."""
     h, layers, heads, kv = (shape[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                "num_key_value_heads"))
     kv_dim = h // heads * kv
     per_layer = 2 * h * h + 2 * h * kv_dim + 3 * h * shape["intermediate_size"] + 2 * h
     params = layers * per_layer + h + h * shape["vocab_size"]  # + final norm + output head
-    return 6.0 * params, 6.0 * layers * h
+    return 6.0 * params * sum(lengths) + 6.0 * layers * h * sum(n * n for n in lengths)
 
 
 def write_model_folder(shape: dict, path: Path) -> Path:
@@ -97,8 +98,7 @@ def train_py_run(name: str, overrides: dict, args, model_dir: Path, work: Path) 
     rows, arrivals = ran["rows"][args.warmup:steps], ran["arrivals"]
     outside_s = arrivals[steps - 1] - arrivals[args.warmup - 1]
     tokens = sum(r["num_tokens"] for r in rows)
-    param_flops, attn_flops = shape_flops_per_token(SHAPES[args.shape])
-    flops = param_flops * tokens + attn_flops * len(rows) * samples_per_step * args.seq_len ** 2
+    flops = shape_flops(SHAPES[args.shape], [args.seq_len] * (len(rows) * samples_per_step))
     peak = peak_flops(args.nproc)
     logged_s = sum(r["step_time_s"] for r in rows)
     result = {"name": name, "overrides": overrides, "tokens_per_s": tokens / outside_s,
@@ -164,9 +164,8 @@ def hf_trainer_run(args, model_dir: Path, work: Path) -> dict:
         raise SystemExit(f"error: the Trainer baseline failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
     worker = json.loads(r.stdout.strip().splitlines()[-1])
     timed = worker["step_times"][args.warmup:]
-    param_flops, attn_flops = shape_flops_per_token(SHAPES[args.shape])
     tokens = len(timed) * samples_per_step * args.seq_len
-    flops = param_flops * tokens + attn_flops * len(timed) * samples_per_step * args.seq_len ** 2
+    flops = shape_flops(SHAPES[args.shape], [args.seq_len] * (len(timed) * samples_per_step))
     peak = peak_flops(1)
     return {"name": "hf_trainer_padding_free", "tokens_per_s": tokens / sum(timed),
             "tflops_per_s": flops / sum(timed) / 1e12, "peak_memory_gb": worker["peak_memory_gb"],

@@ -129,7 +129,7 @@ def raw_steps(model, data: dict, plan: list[dict], attn: str, bf16=False, **vari
 
 def optimizer_step_seconds(model, fused: bool, repeats: int = 3) -> float:
     """One AdamW step over every parameter, as train.py takes it (fused) or with torch's default (foreach)."""
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     for p in params:
         p.grad = torch.full_like(p, 1e-4)
     opt = torch.optim.AdamW(params, lr=1e-9, fused=fused, foreach=None if fused else True)

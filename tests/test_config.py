@@ -29,6 +29,19 @@ def test_every_problem_is_listed_with_a_suggestion(tmp_path):
     assert msg.count("\n  - ") == 5
 
 
+def test_speed_settings_are_checked_and_the_old_checkpointing_key_is_pointed_to_its_new_name():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["num_threads=-1", "fsdp_options.prefetch_layers=-2", "random_init=true", "lora.rank=8",
+                           "activation_checkpointing=some", "gradient_checkpointing=true"])
+    msg = str(e.value)
+    for part in ("num_threads must be 0 (automatic) or a positive count, got -1",
+                 "fsdp_options.prefetch_layers must be 0 or more, got -2",
+                 "random_init with lora.rank > 0 would train adapters on a random base",
+                 "'activation_checkpointing' must be one of ['none', 'full', 'selective']",
+                 "unknown config key 'gradient_checkpointing'; did you mean 'activation_checkpointing'?"):
+        assert part in msg
+
+
 def test_profiles_set_defaults_that_config_and_command_line_override(tmp_path):
     cfg = load_config(None, profile="cpu")
     assert cfg.profile == "cpu" and cfg.lora.rank == 16
