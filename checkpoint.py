@@ -11,6 +11,8 @@ import copy
 import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import torch
@@ -23,9 +25,56 @@ from config import ConfigError
 
 # Keys whose change makes a saved state meaningless for this run.
 FINGERPRINT_KEYS = ("model_path", "max_seq_len", "effective_batch_size", "random_seed", "mock_data", "lora",
-                    "distributed_backend", "chat_tmpl_path")
+                    "distributed_backend", "chat_tmpl_path", "validation_split")
 KEEP_FULL_STATES = 2
 MARKER = "COMPLETE"
+HOOK_POINTS = ("after_step", "inside_save")
+
+
+def fault_point(point: str, n: int):
+    """Deterministic fault injection for tests (README, "Test hooks"): MINILAB_TEST_HOOK="POINT=N:ACTION[@RANK],...".
+    POINT is after_step (step N is logged and its save_samples save done; before epoch-end and stop saves) or
+    inside_save (rank 0, the full state of step N complete under its temp name, before the rename). ACTION is
+    kill (SIGKILL), a signal name sent to this process (sigterm, sigusr1), or pause."""
+    for spec in filter(None, os.environ.get("MINILAB_TEST_HOOK", "").split(",")):
+        where, _, action = spec.partition(":")
+        action, _, only_rank = action.partition("@")
+        if where.partition("=")[0] not in HOOK_POINTS or not (action in ("kill", "pause") or
+                                                               hasattr(signal, action.upper())):
+            raise ValueError(f"MINILAB_TEST_HOOK: cannot read {spec!r}: points {HOOK_POINTS}, actions kill, "
+                             "pause or a signal name")
+        if where != f"{point}={n}" or (only_rank and int(only_rank) != int(os.environ.get("RANK", 0))):
+            continue
+        if action == "pause":
+            _pause()
+        else:
+            os.kill(os.getpid(), signal.SIGKILL if action == "kill" else getattr(signal, action.upper()))
+
+
+def _pause():
+    """Write MINILAB_TEST_HOOK_DIR/paused_rankR (holding the pid), then wait until MINILAB_TEST_HOOK_DIR/release
+    exists or SIGTERM, SIGUSR1 or SIGINT arrives (its own handler runs too)."""
+    folder, rank = Path(os.environ["MINILAB_TEST_HOOK_DIR"]), os.environ.get("RANK", "0")
+    tmp = folder / f".paused_rank{rank}.tmp"
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, folder / f"paused_rank{rank}")  # whole, so the test reads the pid at once
+    woken = []
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+
+    def wake(signum, frame):
+        woken.append(signum)
+        if callable(old[signum]):
+            old[signum](signum, frame)
+    for s in old:
+        signal.signal(s, wake)
+    try:
+        while not woken and not (folder / "release").exists():
+            time.sleep(0.01)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if woken and not callable(old[woken[0]]):  # no handler of its own: the signal's default action now
+        signal.raise_signal(woken[0])
 
 
 def _rank() -> int:
@@ -55,17 +104,33 @@ def check_free_space(path: Path, needed_bytes: int):
                           f"{needed_bytes / 2**30:.1f} GiB needed; free space or point ckpt_output_dir elsewhere")
 
 
-def _model_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) * max(1, dist.get_world_size()
-                                                                                if dist.is_initialized() else 1)
+def needed_bytes(model, hf_dtype: torch.dtype | None = None) -> int:
+    """About what a save writes in all, the same on every rank and backend: the whole model in hf_dtype (an HF
+    folder), or the parameters plus AdamW's two fp32 moments (and an fp32 master copy of 16-bit ones)."""
+    if hf_dtype:
+        return sum(sharding.whole_numel(p) * hf_dtype.itemsize for p in model.parameters())
+    return sum(sharding.whole_numel(p) * (p.element_size() + p.requires_grad * (8 + 4 * (p.element_size() < 4)))
+               for p in model.parameters())
+
+
+def save_dtype(config) -> torch.dtype:
+    """The dtype in the base model's config.json: a bf16 base gives a bf16 checkpoint; fp32 when it names none."""
+    from transformers import PretrainedConfig
+    try:
+        raw, _ = PretrainedConfig.get_config_dict(config._name_or_path)
+    except OSError:  # a config made in memory
+        raw = {}
+    dtype = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype")), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def save_hf(model, tokenizer, out_dir: str, name: str):
     """A complete HF folder loadable by AutoModelForCausalLM; LoRA runs also get adapter/ and a merged model."""
     final = Path(out_dir) / "hf_format" / name
-    if _rank() == 0:
-        check_free_space(final.parent, _model_bytes(model) * 2)
     lm = model.lm if hasattr(model, "lm") else model.module.lm
+    dtype = save_dtype((lm.get_base_model() if hasattr(lm, "peft_config") else lm).config)
+    if _rank() == 0:
+        check_free_space(final.parent, needed_bytes(model, dtype))
     quantized = getattr(lm, "is_loaded_in_4bit", False)
     state = sharding.dequantized_state(lm) if quantized else sharding.full_model_state(model)
     if _rank() == 0:
@@ -79,7 +144,7 @@ def save_hf(model, tokenizer, out_dir: str, name: str):
             plain = plain.merge_and_unload(safe_merge=True)
             if quantized:  # QLoRA: merged into the dequantized base; must still match the adapter model
                 sharding.check_merge(lm, plain, plain.config.vocab_size)
-        plain.save_pretrained(tmp)
+        plain.to(dtype).save_pretrained(tmp)  # trained in fp32 master weights, saved as the base was
         tokenizer.save_pretrained(tmp)
         _replace_dir(tmp, final)
     _barrier()
@@ -119,7 +184,7 @@ def save_full_state(model, optimizer, scheduler, out_dir: str, trainer_state: di
     name = f"step_{trainer_state['global_step']:08d}"
     tmp, final = root / f".{name}.tmp", root / name
     if _rank() == 0:
-        check_free_space(root, _model_bytes(model) * 3)
+        check_free_space(root, needed_bytes(model))
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
@@ -133,6 +198,7 @@ def save_full_state(model, optimizer, scheduler, out_dir: str, trainer_state: di
     if _rank() == 0:
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "scheduler": scheduler.state_dict()}))
         (tmp / MARKER).write_text("ok")
+        fault_point("inside_save", trainer_state["global_step"])
         _replace_dir(tmp, final)
         for old in sorted(root.glob("step_*"))[:-KEEP_FULL_STATES]:
             shutil.rmtree(old, ignore_errors=True)

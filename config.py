@@ -77,10 +77,14 @@ class Config:
     save_samples: int = 0  # 0 = no mid-epoch HF checkpoints
     checkpoint_at_epoch: bool = True  # an HF checkpoint at every epoch end
     keep_last_checkpoint_only: bool = False  # one HF folder, hf_format/last_epoch, replaced each save
+    validation_split: float = 0.0  # samples held out of training for a validation loss: a fraction (< 1) or a count
+    validation_frequency: int = 0  # validation loss every N optimizer steps (and after the last); 0 = after the last
+    save_best_val_loss: bool = False  # also keep hf_format/best_val_loss, the checkpoint with the lowest val loss
     mock_data: bool = False  # random tokens instead of data_path (benchmarks, smoke tests)
     mock_data_len: int = 256  # tokens per mock sample
     mock_data_samples: int = 512  # number of mock samples
-    distributed_backend: str = "fsdp"  # fsdp, deepspeed, or none; used when more than one process runs
+    distributed_backend: str = "fsdp"  # fsdp, deepspeed, or none; used whenever torchrun starts the processes
+    distributed_timeout_minutes: float = 60.0  # how long a process waits in a collective (rank 0 may tokenize)
     fsdp_options: FSDPOptions = field(default_factory=FSDPOptions)
     deepspeed_options: DeepSpeedOptions = field(default_factory=DeepSpeedOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
@@ -254,8 +258,17 @@ def check_combinations(cfg: Config) -> list[str]:
         problems.append("effective_batch_size must be at least 1")
     if cfg.num_threads < 0:
         problems.append(f"num_threads must be 0 (automatic) or a positive count, got {cfg.num_threads}")
+    if cfg.distributed_timeout_minutes <= 0:
+        problems.append(f"distributed_timeout_minutes must be positive, got {cfg.distributed_timeout_minutes}")
     if cfg.fsdp_options.prefetch_layers < 0:
         problems.append(f"fsdp_options.prefetch_layers must be 0 or more, got {cfg.fsdp_options.prefetch_layers}")
+    if cfg.validation_split < 0 or (cfg.validation_split >= 1 and cfg.validation_split != int(cfg.validation_split)):
+        problems.append(f"validation_split must be a fraction in [0, 1) or a whole count, got {cfg.validation_split}")
+    if cfg.validation_frequency < 0:
+        problems.append(f"validation_frequency must be 0 (after the last step) or a step count, got "
+                        f"{cfg.validation_frequency}")
+    if cfg.save_best_val_loss and cfg.validation_split == 0:
+        problems.append("save_best_val_loss needs held-out samples: set validation_split, e.g. 0.1")
     if cfg.random_init and cfg.lora.rank > 0:
         problems.append("random_init with lora.rank > 0 would train adapters on a random base: set lora.rank=0")
     return problems

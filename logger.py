@@ -65,7 +65,11 @@ def plot(run_dir: str, out: str | None = None) -> Path:
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, title in zip(axes, ("loss", "lr", "tokens_per_s"), ("loss", "learning rate", "tokens/s")):
-        ax.plot(steps, [r[key] for r in rows], marker="." if len(rows) < 50 else None)
+        ax.plot(steps, [r[key] for r in rows], marker="." if len(rows) < 50 else None, label=key)
+        validated = [r for r in rows if "val_loss" in r]
+        if key == "loss" and validated:  # held-out loss (validation_split) on the same axis
+            ax.plot([r["step"] for r in validated], [r["val_loss"] for r in validated], marker="o", label="val_loss")
+            ax.legend()
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

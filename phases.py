@@ -30,7 +30,7 @@ from eval.mt_bench import read_jsonl as eval_read_jsonl
 SETTINGS = {
     "generate": {"num_instructions": 5, "concurrency": 2, "max_tokens": 128, "judge_threshold": 0},
     "evaluate": {"few_shots": 0, "batch_size": 4, "max_tokens": 128, "judge_max_tokens": 256, "mmlu_limit": 0,
-                 "mt_bench_limit": 0, "chat_max_tokens": 128, "phased": False},
+                 "mt_bench_limit": 0, "chat_max_tokens": 128, "heldout_max_tokens": 32, "phased": False},
 }
 
 
@@ -130,8 +130,11 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 def split(args) -> None:
     """Knowledge samples train phase 1, skill samples phase 2 (LAB); every sample lands in exactly one file."""
     records = read_jsonl(args.train_jsonl)
-    knowledge = [r for r in records if r.get("metadata", {}).get("pipeline") == "knowledge"]
-    skills = [r for r in records if r.get("metadata", {}).get("pipeline") != "knowledge"]
+    def is_knowledge(r):  # generated pairs, document chunks and seed pairs of knowledge leaves
+        meta = r.get("metadata", {})
+        return meta.get("pipeline") in ("knowledge", "document") or str(meta.get("leaf", "")).startswith("knowledge/")
+    knowledge = [r for r in records if is_knowledge(r)]
+    skills = [r for r in records if not is_knowledge(r)]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("knowledge", knowledge), ("skills", skills)):
@@ -161,8 +164,8 @@ def checkpoint_dirs(ckpt_dir: str) -> list[Path]:
     if not found:
         raise ConfigError(f"no HF checkpoint under {root}; run the training stage first")
 
-    def order(p: Path):
-        return (1, 0) if p.name == "last_epoch" else (0, int(p.name.removeprefix("samples_")))
+    def order(p: Path):  # the best-validation-loss checkpoint (save_best_val_loss) counts as the final one
+        return {"last_epoch": (1, 0), "best_val_loss": (2, 0)}.get(p.name) or (0, int(p.name.removeprefix("samples_")))
     return sorted(found, key=order)
 
 
@@ -191,27 +194,50 @@ def best(args) -> None:
     print(winner)
 
 
-def overall(path: Path) -> tuple[float | None, float | None]:
-    if not path.exists():
-        return None, None
-    result = json.loads(path.read_text())
-    return (result.get("base") or {}).get("overall"), result.get("overall")
+def evaluation_rows(out: Path) -> dict[str, dict]:
+    """Every base-vs-trained score of the run: {label: {base, trained, delta, verdict, higher_is_better, result}},
+    scores as {value, n, low, high} (95% interval; None where it cannot be computed)."""
+    rows = {}
+    heldout = out / "eval" / "heldout.json"
+    for r in json.loads(heldout.read_text())["results"] if heldout.exists() else []:
+        rows[f"held-out {r['metric']} ({r['leaf']})"] = {**{k: r[k] for k in ("base", "trained", "verdict",
+                                                                            "higher_is_better")}, "result": str(heldout)}
+    mmlu = out / "eval" / "mmlu.json"
+    if mmlu.exists():  # every seed question of the taxonomy, the trained half included: a check of memory
+        result = json.loads(mmlu.read_text())
+        base, trained = (report.proportion(round(r["overall"] * r["questions"]), r["questions"])
+                         for r in (result["base"], result))
+        rows["MMLU-style accuracy (knowledge)"] = {"base": base, "trained": trained, "result": str(mmlu),
+                                                   "higher_is_better": True, "verdict": report.verdict(base, trained),
+                                                   "note": "all seed questions, including those trained on"}
+    mt_bench = out / "eval" / "mt_bench.json"
+    if mt_bench.exists():
+        result = json.loads(mt_bench.read_text())
+        base, trained = ({"value": r.get("overall"), "n": len(r.get("records", [])), "low": None, "high": None}
+                         for r in (result.get("base") or {}, result))
+        rows["MT-Bench-style score (skills)"] = {"base": base, "trained": trained, "result": str(mt_bench),
+                                                 "higher_is_better": True, "verdict": "not measurable",
+                                                 "note": "judge ratings carry no interval; the embedded judge is weak"}
+    for row in rows.values():
+        b, t = row["base"]["value"], row["trained"]["value"]
+        row["delta"] = None if b is None or t is None else t - b
+    return rows
+
+
+def score_text(score: dict) -> str:
+    if score["value"] is None:
+        return "n/a"
+    ci = f" [{score['low']:.3f}, {score['high']:.3f}]" if score.get("low") is not None else ""
+    return f"{score['value']:.4f}{ci}"
 
 
 def summary(args) -> None:
     out = Path(args.out_dir)
-    rows = {"MMLU-style accuracy (knowledge)": (out / "eval" / "mmlu.json", 1.0),
-            "MT-Bench-style score (skills)": (out / "eval" / "mt_bench.json", 10.0)}
-    evaluations, base_series, trained_series = {}, {}, {}
-    for label, (path, scale) in rows.items():
-        base, trained = overall(path)
-        evaluations[label] = {"base": base, "trained": trained, "result": str(path) if path.exists() else None,
-                              "delta": None if base is None or trained is None else trained - base}
-        if base is not None and trained is not None:
-            base_series[f"{label} / {scale:g}"], trained_series[f"{label} / {scale:g}"] = base / scale, trained / scale
-    if base_series:
-        report.plot_scores(str(out / "evaluation.png"), {"base": base_series, "trained": trained_series},
-                           "score (scaled to 0-1)")
+    evaluations = evaluation_rows(out)
+    charted = {label: (row["base"], row["trained"]) for label, row in evaluations.items()
+               if row["base"]["value"] is not None and row["trained"]["value"] is not None}
+    if charted:
+        report.plot_intervals(str(out / "evaluation.png"), charted, "accuracy (0-1) or NLL (nats/token)")
     candidates = {"final model": out / "final_model.txt", "GGUF": out / "model.gguf", "chat reply": out / "chat.txt",
                   "evaluation chart": out / "evaluation.png"}
     artifacts = {name: str(p) for name, p in candidates.items() if p.exists()}
@@ -224,18 +250,36 @@ def summary(args) -> None:
     report.write_json(str(out / "summary.json"), result)
     print("== minilab pipeline summary ==")
     for label, e in evaluations.items():
-        if e["result"] is None:
-            print(f"{label}: not evaluated")
-            continue
-        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731 - local formatting only
         delta = "n/a" if e["delta"] is None else f"{e['delta']:+.4f}"
-        print(f"{label}: base {fmt(e['base'])} -> trained {fmt(e['trained'])} (delta {delta})")
-        if e["trained"] is None or e["base"] is None:
-            print("  no parsable judge rating: the judge model is too weak to grade; pass a stronger one with "
-                  "./pipeline.sh --judge-endpoint URL --force --only mtbench,summary")
+        print(f"{label}: base {score_text(e['base'])} -> trained {score_text(e['trained'])} "
+              f"(delta {delta}, n={e['trained']['n']}, {e['verdict']})")
     for name, path in artifacts.items():
         print(f"{name}: {', '.join(path) if isinstance(path, list) else path}")
     print(f"summary: {out / 'summary.json'}")
+    for line in in_words(evaluations):
+        print(line)
+
+
+def in_words(evaluations: dict) -> list[str]:
+    """The run's outcome as sentences: what improved, what did not, what could not be measured offline."""
+    groups = {"improved": [], "worse": [], "no clear change": [], "not measurable": []}
+    for label, e in evaluations.items():
+        groups[e["verdict"]].append(label)
+    lines = []
+    if groups["improved"]:
+        lines.append("Improved (95% intervals apart): " + "; ".join(groups["improved"]) + ".")
+    if groups["worse"]:
+        lines.append("Got worse (95% intervals apart): " + "; ".join(groups["worse"]) + ".")
+    if groups["no clear change"]:
+        lines.append("No clear change (intervals overlap, more held-out questions or training would tell): "
+                     + "; ".join(groups["no clear change"]) + ".")
+    if groups["not measurable"]:
+        lines.append("Not measurable offline: " + "; ".join(groups["not measurable"]) + " (a judge model this "
+                     "small gives no reliable rating; pass a stronger one with ./pipeline.sh --judge-endpoint URL "
+                     "--force --only mtbench,summary).")
+    if not evaluations:
+        lines.append("Nothing was evaluated: run the mmlu and heldout stages (./pipeline.sh --only mmlu,heldout,summary).")
+    return lines
 
 
 def main(argv=None) -> None:

@@ -6,7 +6,7 @@
 #                 [--judge-endpoint URL] [--set SECTION.KEY=VALUE ...]
 #
 # Output goes to DIR (default runs/pipeline in the repository). Stages, in order: validate generate mix
-# tokenize train (or phase1 phase2 with --phased) mmlu convert mtbench chat summary. Each prints the exact
+# tokenize train (or phase1 phase2 with --phased) mmlu heldout convert mtbench chat summary. Each prints the exact
 # command it runs; a finished stage writes DIR/.done/STAGE and is skipped on the next run (so a rerun resumes)
 # unless --force. --set overrides the profile's sections, e.g. --set generate.num_instructions=2
 # --set evaluate.mmlu_limit=5 --set train.max_steps=10 (train.* keys are config.py keys). MT-Bench is judged by
@@ -52,7 +52,7 @@ eval "TRAIN_SETS=($TRAIN_OVERRIDES)"
 PHASED=${PHASED:-$EVALUATE_PHASED}
 PHASES=(train)
 [[ $PHASED == true ]] && PHASES=(phase1 phase2)
-STAGES=(validate generate mix tokenize "${PHASES[@]}" mmlu convert mtbench chat summary)
+STAGES=(validate generate mix tokenize "${PHASES[@]}" mmlu heldout convert mtbench chat summary)
 for name in ${SKIP//,/ } ${ONLY//,/ }; do
   [[ " ${STAGES[*]} " == *" $name "* ]] || die "unknown stage '$name'; stages: ${STAGES[*]}"
 done
@@ -136,14 +136,16 @@ if begin mix; then
   if [[ $PHASED == true ]]; then
     # LAB: knowledge first, then skills with a replay of the knowledge so phase 2 does not forget it.
     run python phases.py split "$GEN/train.jsonl" "$DATA"
-    printf 'output: phase1.jsonl\ndatasets:\n  - {path: knowledge.jsonl, ratio: 1.0}\n' > "$DATA/phase1_recipe.yaml"
-    printf 'output: phase2.jsonl\ndatasets:\n  - {path: skills.jsonl, ratio: 1.0}\n%s\n' \
+    printf 'output: phase1.jsonl\nexclude: [generated/test.jsonl]\ndatasets:\n  - {path: knowledge.jsonl, ratio: 1.0}\n' \
+      > "$DATA/phase1_recipe.yaml"
+    printf 'output: phase2.jsonl\nexclude: [generated/test.jsonl]\ndatasets:\n  - {path: skills.jsonl, ratio: 1.0}\n%s\n' \
       '  - {path: knowledge.jsonl, ratio: 0.5}' \
       > "$DATA/phase2_recipe.yaml"
     run python -m sdg mix "$DATA/phase1_recipe.yaml"
     run python -m sdg mix "$DATA/phase2_recipe.yaml"
   else
-    printf 'output: train.jsonl\ndatasets:\n  - {path: generated/train.jsonl, ratio: 1.0}\n' > "$DATA/train_recipe.yaml"
+    printf 'output: train.jsonl\nexclude: [generated/test.jsonl]\ndatasets:\n  - {path: generated/train.jsonl, ratio: 1.0}\n' \
+      > "$DATA/train_recipe.yaml"
     run python -m sdg mix "$DATA/train_recipe.yaml"
   fi
   finish mix
@@ -212,6 +214,14 @@ if begin mmlu; then
     --few-shots "$EVALUATE_FEW_SHOTS" --batch-size "$EVALUATE_BATCH_SIZE" $(limit "$EVALUATE_MMLU_LIMIT") \
     --output "$EVAL/mmlu.json" --plot "$EVAL/mmlu.png"
   finish mmlu
+fi
+
+if begin heldout; then  # questions held out of training: what the model learned, with 95% intervals
+  need_final
+  run python -m eval.heldout --heldout "$GEN/test.jsonl" --model "$FINAL" --base-model "$MODEL" \
+    --batch-size "$EVALUATE_BATCH_SIZE" --max-new-tokens "$EVALUATE_HELDOUT_MAX_TOKENS" \
+    --output "$EVAL/heldout.json" --plot "$EVAL/heldout.png"
+  finish heldout
 fi
 
 if begin convert; then

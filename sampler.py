@@ -35,6 +35,26 @@ def plan_epoch(lengths: np.ndarray, loss_counts: np.ndarray, effective_batch_siz
     return steps
 
 
+def split_validation(num_samples: int, split: float, seed: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """(training indices, held-out indices): a seeded draw of `split` samples (a fraction below 1, else a count).
+    No split gives (None, empty), so the training plan stays exactly the one without validation."""
+    count = round(split * num_samples) if split < 1 else int(split)
+    if count == 0:
+        return None, np.zeros(0, dtype=np.int64)
+    if count >= num_samples:
+        raise ConfigError(f"validation_split={split} holds out {count} of {num_samples} samples, leaving none to "
+                          "train on; use a fraction such as 0.1 or a smaller count")
+    held = np.sort(np.random.default_rng([seed, 0x76616C]).permutation(num_samples)[:count])  # own stream
+    return np.setdiff1d(np.arange(num_samples), held), held
+
+
+def restrict(plan: list[dict], indices: np.ndarray) -> list[dict]:
+    """A plan made over a subset's arrays, its positions mapped back to the subset's sample indices."""
+    for step in plan:
+        step["micro_batches"] = [[indices[r] for r in micro] for micro in step["micro_batches"]]
+    return plan
+
+
 def check_lengths(lengths: np.ndarray, max_batch_len: int):
     if len(lengths) and lengths.max() > max_batch_len:
         n = int((lengths > max_batch_len).sum())

@@ -5,7 +5,9 @@ checkpoint.py calls full_model_state() and is_deepspeed(). Each backend lives he
 """
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -16,8 +18,25 @@ STRATEGY_RESHARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False, "NO_SHARD": Fals
 
 
 def backend_for(cfg: Config, world_size: int) -> str:
-    """One process needs no backend; check_combination refuses `none` with several."""
-    return cfg.distributed_backend if world_size > 1 else "none"
+    """A plain `python train.py` needs no backend; under torchrun even one process runs the chosen one, so one
+    GPU runs the same FSDP2 / DeepSpeed code (and CPU offload) as eight. check_combination refuses `none` with
+    several processes."""
+    return cfg.distributed_backend if world_size > 1 or dist.is_initialized() else "none"
+
+
+def init_process_group(device: torch.device, world_size: int, timeout_minutes: float):
+    """The group of the processes torchrun started. CUDA runs get gloo beside NCCL: CPU tensors (offloaded
+    gradients and their norm) reduce over gloo. The timeout covers rank 0 tokenizing while the others wait."""
+    from datetime import timedelta
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"timeout": timedelta(minutes=timeout_minutes)}
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # after a torchrun restart the agent's store still holds the dead workers' addresses; key by attempt
+        kwargs["store"] = dist.PrefixStore(f"minilab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                                           dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                                         world_size, is_master=False))
+        kwargs.update(rank=int(os.environ["RANK"]), world_size=world_size)
+    dist.init_process_group(backend, **kwargs)
 
 
 def check_combination(cfg: Config, world_size: int, device: torch.device):
@@ -30,10 +49,18 @@ def check_combination(cfg: Config, world_size: int, device: torch.device):
     if world_size > 1 and cfg.distributed_backend == "none":
         problems.append("distributed_backend=none runs one process, but this run has "
                         f"{world_size}: use distributed_backend=fsdp or deepspeed, or start one process")
-    if lora.quantize_data_type and world_size > 1:
-        problems.append(f"QLoRA (lora.quantize_data_type={lora.quantize_data_type}) runs in one process: "
-                        f"{backend} cannot shard bitsandbytes 4-bit weights; start one process, or drop "
+    if world_size > cfg.effective_batch_size:
+        problems.append(f"effective_batch_size {cfg.effective_batch_size} is smaller than the {world_size} "
+                        "processes: every step would leave a process without a sample; raise "
+                        "effective_batch_size or start fewer processes")
+    if lora.quantize_data_type and backend != "none":
+        problems.append(f"QLoRA (lora.quantize_data_type={lora.quantize_data_type}) runs in one process without "
+                        f"a distributed backend: {backend} cannot shard bitsandbytes 4-bit weights; start one "
+                        "process (plain python, or distributed_backend=none under torchrun), or drop "
                         "lora.quantize_data_type to train plain LoRA on several")
+    if cfg.dtype == "float16" and backend != "deepspeed":
+        problems.append("dtype=float16 needs loss scaling against gradient underflow, which only "
+                        "distributed_backend=deepspeed does here: use bfloat16 (GPUs since Ampere) or float32")
     if lora.quantize_data_type and not importlib.util.find_spec("bitsandbytes"):
         problems.append("QLoRA needs bitsandbytes: pip install bitsandbytes")
     if backend == "fsdp" and cfg.fsdp_options.cpu_offload_params and device.type == "cpu":
@@ -224,16 +251,52 @@ def backward(model, loss: torch.Tensor):
 
 def optimizer_step(model, optimizer, max_grad_norm: float) -> float:
     """Clip, step, zero; returns the global gradient norm before clipping."""
+    if os.environ.get("MINILAB_DUMP_GRADS"):
+        dump_grads(model, Path(os.environ["MINILAB_DUMP_GRADS"]))
     if is_deepspeed(model):  # the engine clips (gradient_clipping), steps and zeroes
         model.step()
         return float(model.get_global_grad_norm())
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+    # torch's fp32 norm on the CPU sums naively: 2e-5 low on a 3M-element embedding, less once FSDP splits it,
+    # so backends disagreed. fp64 there matches DeepSpeed's and the exact norm to 1e-8; CUDA's tree sums are fine
+    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64 if p.grad.device.type == "cpu" else None)
+             for p in params]
+    norm = torch.linalg.vector_norm(torch.stack(norms))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor, reduced over the ranks here
         norm = norm.full_tensor()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm.float())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
+
+
+def dump_grads(model, folder: Path):
+    """Test hook (README, "Test hooks"): MINILAB_DUMP_GRADS=DIR makes rank 0 write each optimizer step's whole,
+    reduced gradient of every trained parameter, before clipping, to DIR/grads_step_N.safetensors, so tests
+    compare gradients across backends, not only the weights Adam made of them. Collective."""
+    from safetensors.torch import save_file
+    deepspeed = is_deepspeed(model)
+    if deepspeed:
+        from deepspeed.utils import safe_get_full_grad
+    grads = {}
+    for name, p in (model.module if deepspeed else model).named_parameters():
+        grad = (safe_get_full_grad(p) if deepspeed else p.grad) if p.requires_grad else None
+        if grad is not None:
+            grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad  # FSDP2: a sharded DTensor
+            grads[name] = grad.detach().float().cpu().contiguous()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        step = len(list(folder.glob("grads_step_*.safetensors"))) + 1  # counts on after a resume
+        save_file(grads, folder / f"grads_step_{step}.safetensors")
+
+
+def whole_numel(p) -> int:
+    """A parameter's element count over all ranks: a DTensor's numel is already global, a ZeRO-3 partition keeps
+    it in ds_numel, and bitsandbytes packs two 4-bit weights into a byte."""
+    if getattr(p, "quant_state", None) is not None:
+        return math.prod(p.quant_state.shape)
+    return getattr(p, "ds_numel", p.numel())
 
 
 def full_model_state(model) -> dict | None:
@@ -263,25 +326,36 @@ def dequantized_state(lm) -> dict:
     return state
 
 
-def check_merge(adapter_lm, merged, vocab_size: int, atol: float = 1e-3):
-    """The merged model must give the adapter model's logits; a bad merge fails here, not in deployment."""
+def check_merge(adapter_lm, merged, vocab_size: int, rtol: float = 1e-4):
+    """The merged model must give the adapter model's logits; a bad merge fails here, not in deployment.
+
+    Both run in fp32, whatever dtype training computes in: the 4-bit layers dequantize to fp32 for it (the very
+    weights the merge used) and the rest are fp32 master weights. So the two differ only by fp32 rounding of one
+    function, ~1e-6 of the largest logit on small models; rtol leaves room for deep ones and still catches a
+    wrong scale or base. In bf16 each rounding alone is 2^-8, as large as many a merge error."""
     for name, buf in adapter_lm.get_base_model().named_buffers():  # rotary tables are not in a state dict
         module, _, leaf = name.rpartition(".")
         if getattr(merged.get_submodule(module), leaf).is_meta:
             merged.get_submodule(module).register_buffer(leaf, buf.detach().cpu(), persistent=False)
     ids = torch.arange(min(32, vocab_size))[None]
     device = next(adapter_lm.parameters()).device
-    was_training = adapter_lm.training
+    quantized = [m for m in adapter_lm.modules()
+                 if type(m).__name__ == "Linear4bit" and m.__module__.startswith("bitsandbytes")]
+    was_training, compute_dtypes = adapter_lm.training, [m.compute_dtype for m in quantized]
     adapter_lm.eval()  # no dropout in the comparison
-    for module in adapter_lm.modules():  # in eval mode bitsandbytes repacks 4-bit weights for a bf16 CPU kernel
-        if type(module).__name__ == "Linear4bit" and module.__module__.startswith("bitsandbytes"):
-            module.train()
-    with torch.no_grad():
-        want = adapter_lm(input_ids=ids.to(device)).logits.float().cpu()
-        got = merged(input_ids=ids).logits.float()
-    adapter_lm.train(was_training)
+    for module in quantized:  # in eval mode bitsandbytes repacks 4-bit weights for a bf16 CPU kernel
+        module.train()
+        module.compute_dtype = torch.float32
+    try:
+        with torch.no_grad():
+            want = adapter_lm(input_ids=ids.to(device)).logits.float().cpu()
+            got = merged.float()(input_ids=ids).logits
+    finally:
+        adapter_lm.train(was_training)
+        for module, dtype in zip(quantized, compute_dtypes):
+            module.compute_dtype = dtype
     err = (want - got).abs().max().item()
-    if err > atol * max(1.0, want.abs().max().item()):
+    if err > rtol * want.abs().max().item():
         raise RuntimeError(f"merged LoRA model differs from the adapter model: max logit difference {err:.3g}")
     print(f"merged model matches the adapter model: max logit difference {err:.2g}", flush=True)
     return err

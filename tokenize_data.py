@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from multiprocessing import Pool
@@ -30,10 +31,7 @@ _worker: dict = {}  # per-process tokenizer state, set once by _init_worker
 
 def _init_worker(model_path: str, chat_template: str | None, max_seq_len: int):
     from model import load_tokenizer
-    tok = load_tokenizer(model_path)
-    special_tokens = set(tok.all_special_tokens) | set(tok.get_added_vocab())
-    special = {i for t, i in tok.get_vocab().items() if t in special_tokens}
-    _worker.update(tok=tok, template=chat_template, max_seq_len=max_seq_len, special=special,
+    _worker.update(tok=load_tokenizer(model_path), template=chat_template, max_seq_len=max_seq_len,
                    args=(model_path, chat_template, max_seq_len))
 
 
@@ -54,84 +52,247 @@ def parse_line(raw: bytes) -> dict:
     if not isinstance(sample, dict) or not isinstance(sample.get("messages"), list) or not sample["messages"]:
         raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]} with at least one message')
     for k, m in enumerate(sample["messages"]):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ValueError(f"messages[{k}] needs a string 'role'")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{k}].content must be a string, got {type(m.get('content')).__name__}")
+        _check_message(k, m)
     if not isinstance(sample.get("unmask", False), bool):
         raise ValueError("'unmask' must be true or false")
+    tools = sample.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError("'tools' must be a list of tool objects (JSON schemas), as passed to apply_chat_template")
     roles = {m["role"] for m in sample["messages"]}
     if "pretraining" in roles and roles - {"pretraining"}:
         raise ValueError("role 'pretraining' cannot be mixed with chat roles in one sample")
     return sample
 
 
-def render(sample: dict) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation as text, and the character spans to train on."""
-    tok, messages = _worker["tok"], sample["messages"]
-    if messages[0]["role"] == "pretraining":
-        text = "".join(m["content"] + tok.eos_token for m in messages)
-        return text, [(0, len(text))]
+def _check_message(k: int, m) -> None:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise ValueError(f"messages[{k}] needs a string 'role'")
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if m["role"] != "assistant":
+            raise ValueError(f"messages[{k}].tool_calls is only allowed on assistant messages")
+        if not isinstance(calls, list) or not calls:
+            raise ValueError(f"messages[{k}].tool_calls must be a non-empty list")
+        for j, call in enumerate(calls):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                    or not isinstance(fn.get("arguments"), (dict, str)):
+                raise ValueError(f'messages[{k}].tool_calls[{j}] must be {{"type": "function", "function": '
+                                 '{"name": "...", "arguments": {...} or "..."}}')
+    content = m.get("content")
+    if not isinstance(content, str) and not (calls and content in (None, "")):
+        raise ValueError(f"messages[{k}].content must be a string, got {type(content).__name__}"
+                         + (" (it may be null only on an assistant message with tool_calls)" if content is None else ""))
+    reasoning = m.get("reasoning_content")
+    if reasoning is not None and (m["role"] != "assistant" or not isinstance(reasoning, str)):
+        raise ValueError(f"messages[{k}].reasoning_content must be a string on an assistant message")
+
+
+# Markers put around each trained string before rendering (private-use characters, so data never contains them;
+# transformers' own control-token markers live in plane 15, these in the BMP). A marker is `open id close`, so a
+# template that trims, drops or reorders content cannot make one piece's marker pass for another's.
+MARK_SETS = [tuple(chr(base + i) for i in range(3)) for base in range(0xE000, 0xE800, 0x100)]
+FIELDS = ("reasoning_content", "content")  # reasoning first: templates render it before the answer
+SEGMENT = re.compile(r"\s*\S+")
+
+
+def _apply(messages, tools, add_generation_prompt=False) -> str:
     try:
-        text = tok.apply_chat_template(messages, chat_template=_worker["template"], tokenize=False)
+        return _worker["tok"].apply_chat_template(messages, tools=tools, chat_template=_worker["template"],
+                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
     except Exception as e:  # jinja raises for roles or orders the template does not accept
         raise ValueError(f"the chat template rejected these messages: {e}") from None
-    spans, pos = [], 0
-    for k, m in enumerate(messages):
-        content = m["content"].strip()  # templates often trim; locate the trimmed text
-        if not content:
-            continue
-        start = text.find(content, pos)
-        if start < 0:
-            raise ValueError(f"messages[{k}] content not found in the rendered template (does it rewrite content?)")
-        pos = start + len(content)
-        if m["role"] == "assistant" or (sample.get("unmask") and m["role"] != "system"):
-            spans.append((start, pos))
+
+
+def _piece(messages, piece) -> str:
+    k, field = piece
+    return messages[k][field] if field in FIELDS else messages[k]["tool_calls"][-1]["function"]["name"]
+
+
+def _marked(messages, pieces, marks) -> list[dict]:
+    """Messages with each trained string as `lead OPEN id CLOSE core END id CLOSE trail`: the edge whitespace stays
+    outside the markers, so a template that trims the content still trims it. The piece `tool_call` is the name of
+    the turn's last tool call: where it ends, the template's own serialization of the call goes on."""
+    out = [dict(m) for m in messages]
+    o, e, c = marks
+    for i, (k, field) in enumerate(pieces):
+        s = _piece(messages, (k, field))
+        core = s.strip()
+        lead, trail = s[:len(s) - len(s.lstrip())], s[len(s.rstrip()):]
+        marked = f"{lead}{o}{i}{c}{core}{e}{i}{c}{trail}"
+        if field in FIELDS:
+            out[k][field] = marked
+        else:
+            last = out[k]["tool_calls"][-1]
+            out[k]["tool_calls"] = out[k]["tool_calls"][:-1] + [{**last, "function": {**last["function"], "name": marked}}]
+    return out
+
+
+def _unmark(text: str, marks, n: int) -> tuple[str, dict[int, tuple[int, int]]]:
+    """The text without markers and each piece's span in it. A piece whose markers the template cut, doubled or
+    reordered raises ValueError(piece index); a piece the template does not render at all has no span."""
+    o, e, c = marks
+    parts, opened, spans, removed, last = [], {}, {}, 0, 0
+    for m in re.finditer(f"([{o}{e}])(\\d+){c}", text):
+        parts.append(text[last:m.start()])
+        pos, i, last = m.start() - removed, int(m.group(2)), m.end()
+        removed += m.end() - m.start()
+        if i >= n or (m.group(1) == o and (i in opened or i in spans)) or (m.group(1) == e and i not in opened):
+            raise ValueError(min(i, n - 1))
+        if m.group(1) == o:
+            opened[i] = pos
+        else:
+            spans[i] = (opened.pop(i), pos)
+    parts.append(text[last:])
+    if opened:
+        raise ValueError(min(opened))
+    text = "".join(parts)
+    if any(ch in text for ch in marks):  # a marker the template cut in half
+        raise ValueError(0)
     return text, spans
 
 
-def label_tokens(ids: list[int], offsets: list[tuple[int, int]], text: str, spans) -> np.ndarray:
-    """Labels for one sample: tokens overlapping a span, plus the special token that ends each span."""
+def _render_marked(messages, pieces, marks, tools, add_generation_prompt=False) -> tuple[str, dict]:
+    rendered = _apply(_marked(messages, pieces, marks), tools, add_generation_prompt)
+    try:
+        return _unmark(rendered, marks, len(pieces))
+    except ValueError as err:
+        k, field = pieces[err.args[0]]
+        raise ValueError(f"the chat template cuts or changes messages[{k}].{field} when rendering it (e.g. it drops "
+                         "the text before '</think>'), so its trained span cannot be located exactly") from None
+
+
+def render(sample: dict) -> tuple[str, list[tuple[int, int]], int]:
+    """The conversation as text, the character spans to train on, and how many trained turns nothing closes.
+
+    Each trained string (assistant content and reasoning; with `unmask`, every non-system message) is wrapped in
+    markers, the conversation is rendered and the markers removed: the text must equal the plain render and every
+    piece's markers must survive whole, or the sample is rejected, never mis-masked. A turn's span runs from its
+    first piece to its last, with what the template puts between (the `</think>` after reasoning); a tool-call turn
+    without content starts where the generation prompt ends. Then its end: see `_closing`."""
+    tok, messages = _worker["tok"], sample["messages"]
+    if messages[0]["role"] == "pretraining":
+        text = "".join(m["content"] + tok.eos_token for m in messages)
+        return text, [(0, len(text))], 0
+    tools, unmask = sample.get("tools"), sample.get("unmask")
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant" or (unmask and m["role"] != "system")]
+    pieces = [(k, f) for k in turns for f in FIELDS + ("tool_call",)
+              if (messages[k].get("tool_calls") if f == "tool_call" else
+                  isinstance(messages[k].get(f), str) and messages[k][f].strip())]
+    plain = _apply(messages, tools)
+    marks = next((s for s in MARK_SETS if not any(ch in plain for ch in s)), None)
+    if marks is None:
+        raise ValueError("the rendered text uses every private-use character the span markers could use")
+    text, located = _render_marked(messages, pieces, marks, tools)
+    if text != plain:
+        raise ValueError("the chat template renders these messages differently once their content is marked "
+                         "(it inspects the content), so the trained spans cannot be located exactly")
+    spans, open_turns = [], 0
+    for k in turns:
+        own = sorted((located[i][1], i) for i, (j, _) in enumerate(pieces) if j == k and i in located)
+        calls = messages[k].get("tool_calls")
+        if calls and (k, "tool_call") not in [pieces[i] for _, i in own]:
+            raise ValueError(f"the chat template does not render the tool calls of messages[{k}]")
+        if not own:
+            continue
+        texts = [located[i][0] for _, i in own if pieces[i][1] in FIELDS]
+        start = min(texts) if texts else _turn_start(messages, tools, k, text, marks)
+        anchor, last = own[-1]
+        end_start, end = _closing(messages, pieces, marks, tools, k, text, anchor, last)
+        spans += [(start, anchor), (end_start, end)]
+        open_turns += not text[end_start:end].strip()
+    return text, [s for s in spans if s[0] < s[1]], open_turns
+
+
+def _turn_start(messages, tools, k, text, marks) -> int:
+    """Where the model's output for turn k begins: after the previous message's content, the text the generation
+    prompt puts there (its closing and this turn's header), found in the full render. Anchored on the previous
+    message, as templates may render earlier turns differently (Mistral's system prompt joins the last user turn)."""
+    prev = messages[k - 1].get("content") if k else None
+    if isinstance(prev, str) and prev.strip():
+        probe = [(k - 1, "content")]
+        head, head_spans = _render_marked(messages[:k], probe, marks, tools, add_generation_prompt=True)
+        full, full_spans = _render_marked(messages, probe, marks, tools)
+        if full == text and 0 in head_spans and 0 in full_spans:
+            pos = full_spans[0][1]
+            return pos + _agreed_header(head[head_spans[0][1]:], text[pos:])
+    base = _apply(messages[:k], tools) if k else ""
+    prompt = _apply(messages[:k], tools, add_generation_prompt=True) if k else ""
+    if not (prompt.startswith(base) and text.startswith(base)):
+        raise ValueError(f"the chat template renders the turns before messages[{k}] differently once its tool call "
+                         "follows, so the tool call cannot be located")
+    return len(base) + _agreed_header(prompt[len(base):], text[len(base):])
+
+
+def _agreed_header(header: str, rest: str) -> int:
+    """How much of a generation prompt the full render has too: all of it, or up to the last whitespace before
+    they differ (a prompt may open `<think>` where the training render does not)."""
+    n = len(os.path.commonprefix((header, rest)))
+    return n if n == len(header) else len(header[:n]) - len(re.search(r"\S*$", header[:n]).group())
+
+
+def _closing(messages, pieces, marks, tools, k, text, anchor, last) -> tuple[int, int]:
+    """What closes turn k: the template's text after the turn when the conversation ends there (the full render
+    itself for the last message), as far as the full render agrees with it in whole words. So `<|im_end|>` and
+    Llama's `<|eot_id|>` are trained, Phi-3's final `<|end|>\\n<|endoftext|>` only where it is written, the newline
+    before Nemotron's `<SPECIAL_12>` too; the content's own trailing whitespace is not."""
+    if k == len(messages) - 1:
+        alone, alone_anchor = text, anchor
+    else:
+        alone, alone_spans = _render_marked(messages[:k + 1], pieces[:last + 1], marks, tools)
+        if last not in alone_spans:
+            return anchor, anchor
+        alone_anchor = alone_spans[last][1]
+    tail, rest = alone[alone_anchor:], text[anchor:]
+    s = _piece(messages, pieces[last])
+    trail = s[len(s.rstrip()):]
+    if trail and tail.startswith(trail) and rest.startswith(trail):
+        tail, rest, anchor = tail[len(trail):], rest[len(trail):], anchor + len(trail)
+    n = len(os.path.commonprefix((tail, rest)))
+    agreed = tail[:n] if n == len(tail) or tail[n].isspace() else re.sub(r"\S+$", "", tail[:n])
+    return anchor, anchor + len(agreed.rstrip())
+
+
+def label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans) -> np.ndarray:
+    """Labels for one sample: the tokens that overlap a span (a token may carry the space before the content)."""
     starts = np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
     ends = np.fromiter((e for _, e in offsets), dtype=np.int64, count=len(offsets))
     trained = np.zeros(len(ids), dtype=bool)
     for s, e in spans:
-        trained |= (ends > s) & (starts < e)  # overlap: a token may carry the space before the content
-        t = int(np.searchsorted(starts, e))
-        while t < len(ids) and ids[t] not in _worker["special"] and not text[offsets[t][0]:offsets[t][1]].strip():
-            t += 1  # skip whitespace the template puts before the end-of-turn token
-        if t < len(ids) and ids[t] in _worker["special"]:
-            trained[t] = True
+        trained |= (ends > s) & (starts < e)
     return np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE).astype(np.int32)
 
 
 def tokenize_chunk(chunk: list[tuple[int, bytes]]) -> dict:
     """Tokenize a chunk of (line number, raw line); runs in a worker process."""
-    out = {"ids": [], "labels": [], "lengths": [], "too_long": 0, "no_loss_tokens": 0, "rejects": []}
-    texts, spans = [], []
+    out = {"ids": [], "labels": [], "lengths": [], "too_long": 0, "no_loss_tokens": 0, "turns_without_end": 0,
+           "rejects": []}
+    texts, spans, open_turns = [], [], []
     for lineno, raw in chunk:
         try:
-            text, sample_spans = render(parse_line(raw))
+            text, sample_spans, n_open = render(parse_line(raw))
         except ValueError as e:
             out["rejects"].append((lineno, str(e), raw.decode("utf-8", "replace").rstrip("\n")))
             continue
         texts.append(text)
         spans.append(sample_spans)
+        open_turns.append(n_open)
     if texts:
         # the Rust tokenizer directly: transformers' per-sample dict conversion costs ~15% of tokenization
         encodings = _worker["tok"].backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-        for enc, text, sample_spans in zip(encodings, texts, spans):
+        for enc, sample_spans, n_open in zip(encodings, spans, open_turns):
             ids, offsets = enc.ids, enc.offsets
             if len(ids) > _worker["max_seq_len"]:
                 out["too_long"] += 1
                 continue
-            labels = label_tokens(ids, offsets, text, sample_spans)
+            labels = label_tokens(ids, offsets, sample_spans)
             if not (labels[1:] != IGNORE).any():  # the first token is never predicted
                 out["no_loss_tokens"] += 1
                 continue
             out["ids"].append(np.asarray(ids, dtype=np.uint32))
             out["labels"].append(labels)
             out["lengths"].append(len(ids))
+            out["turns_without_end"] += n_open
     return out
 
 
@@ -167,7 +328,8 @@ def tokenize_dataset(data_path: str, model_path: str, output_dir: str, max_seq_l
     try:
         meta = _write_arrays(data_path, tmp, num_proc, skip_invalid, (model_path, template, max_seq_len))
         meta.update(model=model_path, max_seq_len=max_seq_len, chat_tmpl_path=chat_tmpl_path,
-                    chat_template_sha256=hashlib.sha256((template or tok.chat_template or "").encode()).hexdigest())
+                    chat_template_sha256=hashlib.sha256((template or tok.chat_template or "").encode()).hexdigest(),
+                    tokenizer_sha256=tokenizer_sha256(model_path))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -178,10 +340,25 @@ def tokenize_dataset(data_path: str, model_path: str, output_dir: str, max_seq_l
     return meta
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def tokenizer_sha256(model_path: str) -> str:
+    """sha256 over the tokenizer files of a model folder (the built-in chat template included); a hub id hashes
+    its name only."""
+    h = hashlib.sha256(model_path.encode() if not os.path.isdir(model_path) else b"")
+    for name in TOKENIZER_FILES:
+        path = Path(model_path) / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def _write_arrays(data_path: str, tmp: Path, num_proc: int, skip_invalid: bool, init_args) -> dict:
     hasher = hashlib.sha256()
     counts = {"too_long": 0, "no_loss_tokens": 0, "invalid": 0}
-    lengths, loss_tokens = [], 0
+    lengths, loss_tokens, open_turns = [], 0, 0
     pool = Pool(num_proc, initializer=_init_pool_worker, initargs=init_args) if num_proc > 1 else None
     results = (pool.imap if pool else map)(tokenize_chunk, read_chunks(data_path, hasher))
     try:
@@ -197,6 +374,7 @@ def _write_arrays(data_path: str, tmp: Path, num_proc: int, skip_invalid: bool, 
                 counts["invalid"] += len(res["rejects"])
                 counts["too_long"] += res["too_long"]
                 counts["no_loss_tokens"] += res["no_loss_tokens"]
+                open_turns += res["turns_without_end"]
                 for ids, labels in zip(res["ids"], res["labels"]):
                     fi.write(ids.tobytes())
                     fl.write(labels.tobytes())
@@ -216,6 +394,7 @@ def _write_arrays(data_path: str, tmp: Path, num_proc: int, skip_invalid: bool, 
     hist, edges = np.histogram(lengths, bins=min(20, len(set(lengths))))
     return {"source": os.path.abspath(data_path), "source_sha256": hasher.hexdigest(), "num_samples": len(lengths),
             "dropped": counts, "total_tokens": int(sum(lengths)), "loss_tokens": loss_tokens,
+            "turns_without_end": open_turns,
             "length_histogram": {"edges": [int(e) for e in edges], "counts": hist.tolist()}}
 
 
@@ -250,8 +429,12 @@ def show_sample(data: dict, tok, index: int = 0) -> str:
 
 
 def summary(meta: dict, output_dir: str) -> str:
-    return (f"tokenized {meta['num_samples']} samples, {meta['total_tokens']} tokens "
+    text = (f"tokenized {meta['num_samples']} samples, {meta['total_tokens']} tokens "
             f"({meta['loss_tokens']} trained) -> {output_dir}; dropped: {meta['dropped']}")
+    if meta.get("turns_without_end"):
+        text += (f"\nnote: nothing closes {meta['turns_without_end']} trained turn(s): the chat template writes no "
+                 "end-of-turn text after them, so the model does not learn to stop there")
+    return text
 
 
 def main(argv=None):

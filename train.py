@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import resource
 import signal
 import sys
@@ -28,19 +29,23 @@ import sampler
 import sharding
 from config import Config, ConfigError, exit_on_error, load_config
 from logger import MetricsLogger
-from model import CausalLMWithLoss, attention_backend, load_tokenizer, pack, resolve_model_path
+from model import CausalLMWithLoss, attention_backend, load_tokenizer, model_config, pack, resolve_model_path
 from tokenize_data import load_tokenized, tokenize_dataset
+from tokenize_data import summary as tokenize_summary
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, per GPU
+# dense bf16 FLOP/s per GPU by device name (whole words); the first match wins, so variants precede their family
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
+                   ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12))
 
 
 class TrainingError(Exception):
     pass
 
 
-def setup_distributed(num_threads: int = 0) -> tuple[int, int, torch.device]:
-    """Rank, world size and device. CPU threads: torchrun pins every process to one, so share the cores instead
-    (more threads than cores slows every process down)."""
+def setup_distributed(num_threads: int = 0, timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
+    """Rank, world size and device; a process group whenever torchrun started us, one process included.
+    CPU threads: torchrun pins every process to one, so share the cores instead (more threads than cores slows
+    every process down)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(num_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -50,16 +55,8 @@ def setup_distributed(num_threads: int = 0) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            # after a torchrun restart the agent's store still holds the dead workers' addresses; key by attempt
-            store = dist.PrefixStore(f"minilab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
-                                     dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                                   world_size, is_master=False))
-            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size)
-        else:
-            dist.init_process_group(backend)
+    if (world_size > 1 or "LOCAL_RANK" in os.environ) and not dist.is_initialized():
+        sharding.init_process_group(device, world_size, timeout_minutes)
     return (dist.get_rank() if dist.is_initialized() else 0), world_size, device
 
 
@@ -117,9 +114,17 @@ def build_scheduler(optimizer, cfg: Config, total_steps: int):
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """bf16 where the hardware multiplies it natively (autocast over fp32 master weights), else fp32."""
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
-    return getattr(torch, cfg.dtype)
+    native = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" \
+        else cpu_has_native_bf16()
+    return choose_dtype(cfg.dtype, device.type, native)
+
+
+def choose_dtype(name: str, device_type: str, native_bf16: bool) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if native_bf16 else torch.float32
+    if name == "bfloat16" and device_type == "cuda" and not native_bf16:  # before Ampere
+        raise ConfigError("dtype=bfloat16: this GPU has no bf16 arithmetic; use dtype=float32 (or auto)")
+    return getattr(torch, name)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -148,17 +153,18 @@ def train_step(model, optimizer, step: dict, data: dict, rank: int, world_size: 
     micro_batches = step["micro_batches"]
     for m, per_rank in enumerate(micro_batches):
         samples = [sample(data, i) for i in per_rank[rank]]
-        # a rank with nothing to do still runs forward/backward so collectives line up
-        batch = pack(samples or [(np.zeros(1, np.int64), np.full(1, -100))], device, attn)
+        # a rank with nothing to do still runs forward/backward so collectives line up: one trained token scaled
+        # by 0 reaches every parameter (an untied head too), so all ranks reduce the same, zero-filled set
+        batch = pack(samples or [(np.zeros(2, np.int64), np.zeros(2, np.int64))], device, attn)
         tokens += sum(len(s[0]) for s in samples)
         sharding.set_grad_sync(model, m == len(micro_batches) - 1)
         with ctx["autocast"]:
-            loss = model(**batch, loss_scale=loss_scale)
+            loss = model(**batch, loss_scale=loss_scale if samples else 0.0)
         sharding.backward(model, loss)
         loss_sum += loss.detach().double()
     # the stop request rides on this all-reduce, so preemption costs no collective of its own
-    totals = torch.tensor([loss_sum.item(), tokens, float(ctx["stop_requested"]())], dtype=torch.float64)
-    if dist.is_initialized():
+    totals = torch.stack([loss_sum, loss_sum.new_tensor(tokens), loss_sum.new_tensor(ctx["stop_requested"]())])
+    if dist.is_initialized():  # on the device: an NCCL group reduces no CPU tensor
         dist.all_reduce(totals)
     loss = totals[0].item() / world_size
     if not math.isfinite(loss):
@@ -168,15 +174,36 @@ def train_step(model, optimizer, step: dict, data: dict, rank: int, world_size: 
     return {"loss": loss, "grad_norm": grad_norm, "num_tokens": int(totals[1].item()), "stop": totals[2].item() > 0}
 
 
+def validate(model, data: dict, held_out: np.ndarray, max_batch_len: int, rank: int, world_size: int, ctx) -> float:
+    """Loss on the held-out samples with training's accounting: token losses summed over every rank, divided by
+    their trained tokens. Eval mode and no_grad: no dropout, so no RNG is drawn and resume stays exact."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx["device"])
+    with torch.no_grad():
+        for per_rank in sampler.pack_step(held_out, data["lengths"], max_batch_len, world_size):
+            samples = [sample(data, i) for i in per_rank[rank]]
+            batch = pack(samples or [(np.zeros(1, np.int64), np.full(1, -100))], ctx["device"], ctx["attn"])
+            with ctx["autocast"]:
+                loss_sum += model(**batch, loss_scale=1.0).double()
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    return loss_sum.item() / int(data["loss_counts"][held_out].sum())
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_FLOPS if re.search(rf"\b{k}\b", device_name)), None)
+
+
 def model_flops(lm, lengths: list[int]) -> float:
-    """Training FLOPs (6 per parameter per token, plus causal attention per sample) for MFU."""
-    cfg = lm.config
-    def numel(p):  # ZeRO-3 leaves only this rank's partition in p; ds_numel is the whole
-        return getattr(p, "ds_numel", p.numel())
+    """Training FLOPs for MFU. Per token and weight: 2 forward, 2 for the input's gradient, and 2 for the weight's
+    own gradient only if it trains (a frozen LoRA/QLoRA base counts 4, not 6); plus causal attention per sample."""
     embedding, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
     # every parameter is a matmul but the embedding lookup; a tied head shares its tensor but is still a matmul
-    n = sum(numel(p) for p in lm.parameters()) - numel(embedding) + (numel(head) if head is embedding else 0)
-    return 6 * n * sum(lengths) + 6 * cfg.num_hidden_layers * cfg.hidden_size * sum(x * x for x in lengths)
+    weights = [p for p in lm.parameters() if p is not embedding] + ([head] if head is embedding else [])
+    per_token = sum((6 if p.requires_grad else 4) * sharding.whole_numel(p) for p in weights)
+    cfg = lm.config
+    return per_token * sum(lengths) + 6 * cfg.num_hidden_layers * cfg.hidden_size * sum(x * x for x in lengths)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -186,7 +213,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def train(cfg: Config) -> dict:
-    rank, world_size, device = setup_distributed(cfg.num_threads)
+    rank, world_size, device = setup_distributed(cfg.num_threads, cfg.distributed_timeout_minutes)
     sharding.check_combination(cfg, world_size, device)
     torch.manual_seed(cfg.random_seed)
     if rank == 0:
@@ -197,7 +224,8 @@ def train(cfg: Config) -> dict:
     data = prepare_data(cfg, model_path, rank)
     sampler.check_lengths(data["lengths"], cfg.max_batch_len)
     dtype = compute_dtype(cfg, device)
-    attn = attention_backend(device, cfg.disable_flash_attn)
+    attn = attention_backend(device, cfg.disable_flash_attn or dtype == torch.float32,  # flash-attn: 16-bit only
+                             model_config(model_path))
     lm = sharding.load_lm(model_path, cfg, rank, world_size, dtype, attn)  # fp32 master weights
     model, optimizer = sharding.prepare(CausalLMWithLoss(lm), cfg, device, world_size, dtype,
                                         lambda m: build_optimizer(m, cfg))
@@ -205,7 +233,9 @@ def train(cfg: Config) -> dict:
     ctx = {"device": device, "attn": attn, "max_grad_norm": cfg.max_grad_norm,
            "autocast": torch.autocast(device.type, dtype=dtype) if use_autocast else nullcontext()}
 
-    steps_per_epoch = math.ceil(len(data["lengths"]) / cfg.effective_batch_size)
+    train_idx, held_out = sampler.split_validation(len(data["lengths"]), cfg.validation_split, cfg.random_seed)
+    num_train = len(data["lengths"]) if train_idx is None else len(train_idx)
+    steps_per_epoch = math.ceil(num_train / cfg.effective_batch_size)
     total_steps = cfg.num_epochs * steps_per_epoch
     total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
     scheduler = build_scheduler(optimizer, cfg, total_steps)
@@ -216,12 +246,13 @@ def train(cfg: Config) -> dict:
         state = checkpoint.load_full_state(resume_from, model, optimizer, scheduler, state["fingerprint"])
     log = MetricsLogger(cfg.ckpt_output_dir, total_steps, state["global_step"], rank == 0, cfg.tensorboard)
     log.message(f"{world_size} process(es) on {device.type}, {torch.get_num_threads()} CPU thread(s) each, "
-                f"attention {attn}, {len(data['lengths'])} samples, {total_steps} steps")
+                f"attention {attn}, backend {sharding.backend_for(cfg, world_size)}, {num_train} samples, {len(held_out)} held out, {total_steps} steps")
+    if "dropped" in data["meta"]:  # too long, no trained tokens, invalid: as tokenize_data.py reports them
+        log.message(f"data: {tokenize_summary(data['meta'], cfg.data_output_dir)}")
     if resume_from:
         log.message(f"resumed from {resume_from} at step {state['global_step']}")
     ctx["stop_requested"] = install_stop_handlers()
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in
-                 torch.cuda.get_device_name(device)), None)
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
     def save(hf_name: str | None):
         if hf_name:
@@ -235,8 +266,13 @@ def train(cfg: Config) -> dict:
 
     try:
         while state["epoch"] < cfg.num_epochs and state["global_step"] < total_steps:
-            plan = sampler.plan_epoch(data["lengths"], data["loss_counts"], cfg.effective_batch_size,
-                                      cfg.max_batch_len, world_size, cfg.random_seed, state["epoch"])
+            if train_idx is None:
+                plan = sampler.plan_epoch(data["lengths"], data["loss_counts"], cfg.effective_batch_size,
+                                          cfg.max_batch_len, world_size, cfg.random_seed, state["epoch"])
+            else:
+                plan = sampler.restrict(sampler.plan_epoch(
+                    data["lengths"][train_idx], data["loss_counts"][train_idx], cfg.effective_batch_size,
+                    cfg.max_batch_len, world_size, cfg.random_seed, state["epoch"]), train_idx)
             while state["step_in_epoch"] < len(plan) and state["global_step"] < total_steps:
                 step = plan[state["step_in_epoch"]]
                 start = time.perf_counter()
@@ -256,9 +292,17 @@ def train(cfg: Config) -> dict:
                 if peak:
                     lengths = [int(data["lengths"][i]) for micro in step["micro_batches"] for r in micro for i in r]
                     metrics["mfu"] = model_flops(lm, lengths) / (elapsed * peak * world_size)
+                last = state["global_step"] == total_steps
+                if len(held_out) and (last or cfg.validation_frequency and
+                                      state["global_step"] % cfg.validation_frequency == 0):
+                    metrics["val_loss"] = validate(model, data, held_out, cfg.max_batch_len, rank, world_size, ctx)
+                    if cfg.save_best_val_loss and metrics["val_loss"] < state.get("best_val_loss", math.inf):
+                        checkpoint.save_hf(model, tokenizer, cfg.ckpt_output_dir, "best_val_loss")
+                        state["best_val_loss"] = metrics["val_loss"]
                 log.log(metrics)
                 if cfg.save_samples > 0 and state["samples_seen"] >= state["last_hf_save"] + cfg.save_samples:
                     save(hf_name())
+                checkpoint.fault_point("after_step", state["global_step"])
                 if out["stop"]:
                     save(None)
                     log.message(f"stop requested: saved full state at step {state['global_step']}; exiting")

@@ -1,6 +1,7 @@
 """Peak memory per rank and tokens/s of every sharding mode, on the embedded SmolLM2-135M-Instruct, in one table.
 
-    python bench/memory.py [--nproc 2] [--steps 4] [--warmup 1] [--seq-len 128] [--batch 8] [--modes a,b,...]
+    python bench/memory.py [--nproc 2] [--steps 4] [--warmup 1] [--seq-len 128] [--batch 8] [--dtype auto]
+                           [--modes a,b,...]
 
 Each mode is a real train.py run (torchrun, --nproc processes; QLoRA and the baseline run one) on the same mock
 data. Peak host memory per rank is each worker's VmHWM (peak resident set), read from /proc while it runs; on
@@ -68,7 +69,7 @@ def run_mode(name: str, nproc: int, overrides: dict, args, out_dir: Path) -> dic
     settings = {"model_path": "embedded", "mock_data": True, "mock_data_len": args.seq_len,
                 "mock_data_samples": args.batch * (args.steps + 1), "effective_batch_size": args.batch,
                 "max_seq_len": args.seq_len, "max_batch_len": args.seq_len * args.batch,
-                "max_steps": args.steps, "dtype": "auto",
+                "max_steps": args.steps, "dtype": args.dtype,
                 "ckpt_output_dir": str(out_dir), "checkpoint_at_epoch": False, "save_samples": 0,
                 "resume": "false", "learning_rate": 1e-5, **overrides}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
@@ -110,6 +111,7 @@ def main():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=8, help="samples per optimizer step, all ranks together")
     p.add_argument("--timeout", type=float, default=900, help="seconds per mode")
+    p.add_argument("--dtype", default="auto", help="train.py's dtype for every mode (auto: as users run it)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated, from: " + ", ".join(MODES))
     args = p.parse_args()
     modes = [m for m in args.modes.split(",") if m]

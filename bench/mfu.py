@@ -77,11 +77,9 @@ def write_model_folder(shape: dict, path: Path) -> Path:
 
 
 def peak_flops(nproc: int) -> float | None:
-    from train import PEAK_BF16_FLOPS
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v * nproc for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    from train import peak_bf16_flops
+    peak = peak_bf16_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    return peak * nproc if peak else None
 
 
 def train_py_run(name: str, overrides: dict, args, model_dir: Path, work: Path) -> dict:
@@ -142,7 +140,7 @@ def hf_trainer_worker(spec: dict) -> dict:
     args = TrainingArguments(output_dir=spec["out"], per_device_train_batch_size=spec["samples_per_step"],
                              max_steps=spec["steps"], learning_rate=1e-5, lr_scheduler_type="constant",
                              adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch_fused",
-                             bf16=cuda, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=not cuda,
+                             bf16=spec["bf16"], logging_strategy="no", save_strategy="no", report_to=[], use_cpu=not cuda,
                              dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
                              gradient_checkpointing=spec["activation_checkpointing"] != "none")
     Trainer(model=lm, args=args, train_dataset=rows, data_collator=DataCollatorWithFlattening(),
@@ -154,10 +152,16 @@ def hf_trainer_worker(spec: dict) -> dict:
 
 def hf_trainer_run(args, model_dir: Path, work: Path) -> dict:
     samples_per_step = args.tokens_per_gpu // args.seq_len
+    from types import SimpleNamespace
+
+    from train import compute_dtype
+    sets = dict(a.split("=", 1) for a in args.set)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the dtype train.py computes in: bf16 autocast on GPU and on CPUs with native bf16 under dtype=auto
+    bf16 = compute_dtype(SimpleNamespace(dtype=sets.get("dtype", "auto")), device) == torch.bfloat16
     spec = {"model_dir": str(model_dir), "out": str(work / "hf"), "samples_per_step": samples_per_step,
-            "steps": args.warmup + args.steps, "seq_len": args.seq_len,
-            "activation_checkpointing": dict(a.split("=", 1) for a in args.set).get("activation_checkpointing",
-                                                                                    "none")}
+            "steps": args.warmup + args.steps, "seq_len": args.seq_len, "bf16": bf16,
+            "activation_checkpointing": sets.get("activation_checkpointing", "none")}
     r = subprocess.run([sys.executable, __file__, "--hf-trainer-worker", json.dumps(spec)], cwd=ROOT,
                        capture_output=True, text=True, timeout=args.timeout)
     if r.returncode != 0:
@@ -167,7 +171,7 @@ def hf_trainer_run(args, model_dir: Path, work: Path) -> dict:
     tokens = len(timed) * samples_per_step * args.seq_len
     flops = shape_flops(SHAPES[args.shape], [args.seq_len] * (len(timed) * samples_per_step))
     peak = peak_flops(1)
-    return {"name": "hf_trainer_padding_free", "tokens_per_s": tokens / sum(timed),
+    return {"name": "hf_trainer_padding_free", "bf16": bf16, "tokens_per_s": tokens / sum(timed),
             "tflops_per_s": flops / sum(timed) / 1e12, "peak_memory_gb": worker["peak_memory_gb"],
             "mfu": flops / sum(timed) / peak if peak else None}
 

@@ -119,6 +119,18 @@ def validate_row(raw, where: str, default_subject: str | None) -> dict:
     return {"question": question, "subject": subject.strip(), "choices": list(choices), "answer": answer}
 
 
+def description(subject: str) -> str:
+    """Same wording as lm-eval's generated MMLU subject configs."""
+    return f"The following are multiple choice questions (with answers) about {' '.join(subject.split('_'))}.\n\n"
+
+
+def mmlu_prompt(subject: str, question: str, choices: list[str]) -> str:
+    """The zero-shot text lm-eval scores for one row (description + the template's doc_to_text), for training on
+    the format; tests/test_learning.py checks it against lm-eval's own rendering."""
+    letters = "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", choices))
+    return f"{description(subject)}{question.strip()}{letters}\nAnswer:"
+
+
 def task_name(subject: str) -> str:
     return f"{TASK_PREFIX}_" + re.sub(r"[^a-z0-9]+", "_", subject.lower()).strip("_")
 
@@ -152,8 +164,7 @@ def write_task_configs(subjects: dict[str, dict[str, list[dict]]], out_dir: str,
             "dataset_path": "json",
             "dataset_name": None,
             "dataset_kwargs": {"data_files": data_files},
-            # Same wording as lm-eval's generated MMLU subject configs.
-            "description": f"The following are multiple choice questions (with answers) about {' '.join(subject.split('_'))}.\n\n",
+            "description": description(subject),
         }
         if "dev" not in data_files:
             config["fewshot_split"] = None

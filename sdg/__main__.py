@@ -112,8 +112,11 @@ def run_mix(args):
 
     out, report = mix(args.recipe, args.output)
     for path, available, taken in report:
-        print(f"{path}: {taken} of {available} samples")
-    print(f"wrote {out} ({sum(taken for _, _, taken in report)} samples)")
+        if path.startswith("excluded"):
+            print(f"{path}: {taken} sample(s) removed that match the {available} held-out ones")
+        else:
+            print(f"{path}: {taken} of {available} samples")
+    print(f"wrote {out} ({sum(t for path, _, t in report if not path.startswith('excluded'))} samples)")
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ from pathlib import Path
 import jinja2
 
 from config import ConfigError
+from sdg.heldout import HELDOUT_FRACTION, held_out_question, record_hash, split_leaf
 from sdg.mix import write_jsonl_atomic
 from sdg.parse import deduplicate, parse_answer, parse_context, parse_qa_pair, parse_question, parse_score
 from sdg.taxonomy import Leaf
@@ -39,6 +40,7 @@ class Settings:
     chunk_words: int = 180
     examples_per_prompt: int = 3
     system_prompt: str | None = None
+    heldout_fraction: float = HELDOUT_FRACTION  # of each leaf's seed pairs, kept out of training for evaluation
 
 
 def load_templates(prompts_dir: Path) -> dict[str, jinja2.Template]:
@@ -189,29 +191,85 @@ def to_messages(question: str, answer: str, context: str | None, leaf: Leaf, pip
     return {"messages": messages, "metadata": {"leaf": leaf.name, "pipeline": pipeline}}
 
 
-def seed_samples(leaf: Leaf, settings: Settings) -> list[dict]:
-    """The human-written seeds: held out as the test set, never trained on."""
+def heldout_record(pair: dict, leaf: Leaf, settings: Settings) -> dict:
+    """A held-out seed pair for evaluation (never trained on), with what eval.heldout needs in its metadata."""
+    context = pair.get("context") if leaf.kind == "skill" else None  # knowledge questions are asked without it
+    record = to_messages(pair["question"], pair["answer"], context, leaf, "heldout", settings)
+    record["metadata"].update(kind=leaf.kind, question=pair["question"], answer=pair["answer"],
+                              sha256=record_hash(record))
+    return record
+
+
+def taxonomy_samples(leaf: Leaf, settings: Settings) -> tuple[list[dict], Counter]:
+    """What the taxonomy itself teaches, whatever the teacher does: the training seed pairs, and for knowledge
+    the documents chunked as raw text (role pretraining, every token trained: continual pretraining)."""
+    samples = [to_messages(p["question"], p["answer"], p.get("context") if leaf.kind == "skill" else None,
+                           leaf, "seed", settings) for p in _training_pairs(leaf)]
+    chunks = [c for path in leaf.documents for c in chunk_document(path.read_text(encoding="utf-8"),
+                                                                   settings.chunk_words)]
+    samples += [{"messages": [{"role": "pretraining", "content": c}], "metadata": {"leaf": leaf.name,
+                                                                                 "pipeline": "document"}}
+                for c in chunks]
+    choice = multiple_choice_samples(leaf) if leaf.kind == "knowledge" else []
+    return samples + choice, Counter(seed_pairs=len(samples) - len(chunks), document_chunks=len(chunks),
+                                     multiple_choice=len(choice))
+
+
+def multiple_choice_samples(leaf: Leaf) -> list[dict]:
+    """The training seed pairs once more as 4-choice questions in lm-eval's MMLU prompt (raw text, distractors
+    from the other training answers): a 135M model learns the letter format from these, the facts of the
+    held-out questions only from the documents."""
+    from eval.mmlu_tasks import mmlu_prompt
+
+    pairs = _training_pairs(leaf)
+    answers = list(dict.fromkeys(p["answer"] for p in pairs))
+    samples = []
+    for i, p in enumerate(pairs):
+        pool = [a for a in answers if a != p["answer"]]
+        if len(pool) < 3:
+            return []
+        rng = random.Random(f"{leaf.name}:choices:{i}")
+        choices = rng.sample(pool, 3) + [p["answer"]]
+        rng.shuffle(choices)
+        text = mmlu_prompt(leaf.name.replace("/", "_"), p["question"], choices) + " " + "ABCD"[choices.index(p["answer"])]
+        samples.append({"messages": [{"role": "pretraining", "content": text}],
+                        "metadata": {"leaf": leaf.name, "pipeline": "multiple_choice"}})
+    return samples
+
+
+def _training_pairs(leaf: Leaf) -> list[dict]:
     if leaf.kind == "knowledge":
-        return [to_messages(qa["question"], qa["answer"], None, leaf, "seed", settings)
-                for seed in leaf.data["seed_examples"] for qa in seed["questions_and_answers"]]
-    return [to_messages(s["question"], s["answer"], s.get("context"), leaf, "seed", settings) for s in leaf.data["seed_examples"]]
+        return [qa for seed in leaf.data["seed_examples"] for qa in seed["questions_and_answers"]]
+    return list(leaf.data["seed_examples"])
 
 
 def generate(leaves: list[Leaf], teacher: Teacher, output_dir: Path, settings: Settings,
              prompts_dir: Path = PROMPTS_DIR) -> dict:
     templates = load_templates(prompts_dir)
     train, test, report = [], [], {}
-    for leaf in leaves:
+    for full_leaf in leaves:
+        leaf, held = split_leaf(full_leaf, settings.heldout_fraction)  # before the teacher sees any seed
         pipeline = "knowledge" if leaf.kind == "knowledge" else "grounded_skills" if leaf.grounded else "skills"
         stats: dict = {}
         make_pairs = knowledge_pairs if leaf.kind == "knowledge" else skill_pairs
         pairs = make_pairs(teacher, leaf, templates, settings, stats)
         kept, exact, near = deduplicate(
             pairs, key=lambda p: f"{p['context'] or ''}\n{p['question']}", near_threshold=settings.dedup_threshold)
-        stats["dedup"] = Counter(input=len(pairs), exact_duplicates=exact, near_duplicates=near, kept=len(kept))
-        train += [to_messages(p["question"], p["answer"], p["context"], leaf, pipeline, settings) for p in kept]
-        test += seed_samples(leaf, settings)
-        report[leaf.name] = {"pipeline": pipeline, "stages": {k: dict(v) for k, v in stats.items()}, "samples": len(kept)}
+        clean = [p for p in kept if not held_out_question(p["question"], held)]
+        stats["dedup"] = Counter(input=len(pairs), exact_duplicates=exact, near_duplicates=near,
+                                 held_out_questions=len(kept) - len(clean), kept=len(clean))
+        own, stats["taxonomy"] = taxonomy_samples(leaf, settings)
+        stats["taxonomy"]["held_out"] = len(held)
+        train += [to_messages(p["question"], p["answer"], p["context"], leaf, pipeline, settings) for p in clean] + own
+        test += [heldout_record(p, full_leaf, settings) for p in held]
+        report[leaf.name] = {"pipeline": pipeline, "stages": {k: dict(v) for k, v in stats.items()},
+                             "samples": len(clean) + len(own), "generated": len(clean),
+                             "requested": settings.num_instructions, "held_out": len(held)}
+        if len(clean) < settings.num_instructions / 2:
+            report[leaf.name]["note"] = (f"the teacher's output was mostly rejected ({len(clean)} of "
+                                         f"{settings.num_instructions} requests kept): this leaf trains mainly on "
+                                         f"its {sum(stats['taxonomy'].values()) - len(held)} seed pairs and "
+                                         "document chunks; a stronger teacher (--endpoint) gives more")
     output_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(output_dir / "train.jsonl", train)
     write_jsonl_atomic(output_dir / "test.jsonl", test)
@@ -227,11 +285,13 @@ def generate(leaves: list[Leaf], teacher: Teacher, output_dir: Path, settings: S
 def format_report(summary: dict) -> str:
     lines = []
     for name, leaf in summary["leaves"].items():
-        lines.append(f"{name} ({leaf['pipeline']}): {leaf['samples']} samples")
+        lines.append(f"{name} ({leaf['pipeline']}): {leaf['samples']} samples, {leaf['held_out']} held out")
+        if leaf.get("note"):
+            lines.append(f"  note: {leaf['note']}")
         for stage, counts in leaf["stages"].items():
             lines.append(f"  {stage:<10} " + "  ".join(f"{k}={v}" for k, v in counts.items()))
     requests = summary["requests"]
-    lines.append(f"train: {summary['train_samples']}  test (seeds): {summary['test_samples']}  "
+    lines.append(f"train: {summary['train_samples']}  test (held-out seeds): {summary['test_samples']}  "
                  f"requests sent: {requests.get('sent', 0)}  from cache: {requests.get('cached', 0)}  "
                  f"rejected: {requests.get('failed', 0)}")
     return "\n".join(lines)

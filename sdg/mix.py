@@ -9,6 +9,7 @@ recipe.yaml (paths relative to the recipe's folder):
         samples: 500        # exactly this many (repeats the dataset when it holds fewer)
       - path: other.jsonl
         ratio: 0.5          # this fraction of the dataset (above 1 upsamples)
+    exclude: [out/test.jsonl]   # optional: samples whose content matches these (the held-out split) are dropped
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import yaml
 from config import ConfigError
 
 ROLES = ("system", "user", "assistant", "pretraining")  # what tokenize_data.py accepts
-RECIPE_KEYS = ("output", "seed", "datasets")
+RECIPE_KEYS = ("output", "seed", "datasets", "exclude")
 DATASET_KEYS = ("path", "samples", "ratio")
 
 
@@ -89,6 +90,9 @@ def load_recipe(path: Path) -> dict:
     if not isinstance(recipe, dict) or not isinstance(recipe.get("datasets"), list) or not recipe["datasets"]:
         raise ConfigError(f"{path}: needs a 'datasets' list, e.g. datasets: [{{path: out/train.jsonl, ratio: 1.0}}]")
     _unknown(recipe, RECIPE_KEYS, str(path))
+    exclude = recipe.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
+        raise ConfigError(f"{path}: exclude must be a list of JSONL paths, e.g. exclude: [generated/test.jsonl]")
     if not isinstance(recipe.get("seed", 0), int):
         raise ConfigError(f"{path}: seed must be an integer")
     for i, entry in enumerate(recipe["datasets"]):
@@ -115,15 +119,22 @@ def draw(records: list[dict], count: int, rng: random.Random) -> list[dict]:
 
 
 def mix(recipe_path: str | Path, output: str | Path | None = None) -> tuple[Path, list[tuple[str, int, int]]]:
-    """Write the mixed JSONL; returns its path and (dataset, available, taken) per dataset."""
+    """Write the mixed JSONL; returns its path and (dataset, available, taken) per dataset, the excluded
+    samples last as ("excluded (held out)", held-out samples, samples removed)."""
+    from sdg.heldout import record_hash
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
     base = recipe_path.parent
     out = Path(output) if output else base / recipe.get("output", "mixed.jsonl")
     rng = random.Random(recipe.get("seed", 42))
     mixed, report = [], []
+    held = {record_hash(r) for path in recipe.get("exclude", []) for r in read_messages(base / path)}
+    removed = 0
     for entry in recipe["datasets"]:
         records = read_messages(base / entry["path"])
+        if held:  # held-out evaluation samples never reach training, whatever a dataset holds
+            kept = [r for r in records if record_hash(r) not in held]
+            removed, records = removed + len(records) - len(kept), kept
         count = entry["samples"] if "samples" in entry else round(entry["ratio"] * len(records))
         if count and not records:
             raise ConfigError(f"{base / entry['path']}: empty dataset, cannot draw {count} samples from it")
@@ -133,4 +144,6 @@ def mix(recipe_path: str | Path, output: str | Path | None = None) -> tuple[Path
         raise ConfigError(f"{recipe_path}: the recipe selects no samples; raise 'samples' or 'ratio'")
     rng.shuffle(mixed)
     write_jsonl_atomic(out, mixed)
+    if recipe.get("exclude"):
+        report.append(("excluded (held out)", len(held), removed))
     return out, report

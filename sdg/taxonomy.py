@@ -10,6 +10,7 @@ import difflib
 import glob
 import hashlib
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from config import ConfigError, cache_dir
 
 MIN_SEEDS = 5
 MIN_KNOWLEDGE_QA = 3
+# a commit hash, or a branch/tag name; never a leading '-', which git would read as an option
+SAFE_REF = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_./-]{0,199}")
+GIT_URL = re.compile(r"(https?|ssh|git|file)://|git@")
 
 _TEXT = {"type": "string", "minLength": 1}
 _QA = {"type": "object", "required": ["question", "answer"], "additionalProperties": False,
@@ -137,14 +141,33 @@ def is_git_url(repo: str) -> bool:
     return "://" in repo or repo.startswith("git@")
 
 
+def git_problems(repo: str, commit) -> dict[str, str]:
+    """What is wrong with a document repo URL and commit before either reaches git, by key."""
+    problems = {}
+    if str(repo).startswith("-"):
+        problems["repo"] = f"document.repo '{repo}' starts with '-' (git would read it as an option); give a git URL"
+    elif not GIT_URL.match(str(repo)):
+        problems["repo"] = (f"document.repo '{repo}' is not a git URL (https://, ssh://, git://, file:// or "
+                            "git@host:path) nor a local folder")
+    if commit is not None and (not SAFE_REF.fullmatch(str(commit)) or ".." in str(commit)):
+        problems["commit"] = (f"document.commit '{commit}' is not a commit hash or a branch or tag name "
+                              "(letters, digits, '_', '.', '/', '-', not starting with '-')")
+    return problems
+
+
 def fetch_git_repo(repo: str, commit: str | None) -> Path:
     """Clone (once, cached) and check out `commit`; needs git and network."""
+    problems = git_problems(repo, commit)
+    if problems:
+        raise ConfigError("; ".join(problems.values()))
     dest = cache_dir() / "sdg" / "repos" / hashlib.sha1(repo.encode()).hexdigest()[:16]
     try:
         if not (dest / ".git").exists():
-            subprocess.run(["git", "clone", "--quiet", repo, str(dest)], check=True, capture_output=True, timeout=600)
-        if commit:
-            subprocess.run(["git", "-C", str(dest), "checkout", "--quiet", commit], check=True, capture_output=True, timeout=60)
+            subprocess.run(["git", "clone", "--quiet", "--", repo, str(dest)], check=True, capture_output=True,
+                           timeout=600)
+        if commit:  # checks out a revision only (before `--`); git_problems refused a leading '-'
+            subprocess.run(["git", "-C", str(dest), "checkout", "--quiet", "--detach", str(commit), "--"],
+                           check=True, capture_output=True, timeout=60)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError) as e:
         detail = getattr(e, "stderr", b"") or b""
         raise ConfigError(f"cannot fetch document repo {repo} at {commit}: {detail.decode(errors='replace').strip() or e}; "
@@ -161,7 +184,10 @@ def _resolve_documents(leaf: Leaf, root_node, problems: list[str], fetch: bool):
             line = _node_at(root_node, ["document"]).start_mark.line + 1
             problems.append(f"{where}:{line}: document.commit is required for a git repo (pin the exact version)")
             return
-        if not fetch:
+        bad = git_problems(repo, document["commit"])
+        for key, message in bad.items():
+            problems.append(f"{where}:{_node_at(root_node, ['document', key]).start_mark.line + 1}: {message}")
+        if bad or not fetch:
             return
         folder = fetch_git_repo(repo, document["commit"])
     else:

@@ -24,24 +24,63 @@ def tokenizer(embedded_dir):
     return load_tokenizer(embedded_dir)
 
 
-def build_tiny_model(tokenizer, out_dir, seed=0, **overrides):
-    """A 2-layer random Llama with the real tokenizer, saved as an HF folder."""
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, max_position_embeddings=2048, tie_word_embeddings=False)
+MOE = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.02)
+SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+# family: (transformers config class, what sets it apart from the shared tiny shape). Features that random weights
+# would leave too small to matter (caps, scales) are set so that dropping them changes the loss.
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", {**MOE, "num_experts": 4, "moe_intermediate_size": 32}),
+    "mixtral": ("MixtralConfig", MOE),
+    "mistral": ("MistralConfig", {"sliding_window": 4}),
+    "gemma2": ("Gemma2Config", {**SLIDING, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 0.5,
+                                "final_logit_softcapping": 0.5, "initializer_range": 0.1}),  # scores the cap bends
+    "gemma3": ("Gemma3TextConfig", {**SLIDING, "query_pre_attn_scalar": 16, "final_logit_softcapping": 0.5}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 12.0, "residual_multiplier": 0.2,
+                                  "attention_multiplier": 0.1, "logits_scaling": 0.25}),
+    "granitemoe": ("GraniteMoeConfig", {**MOE, "logits_scaling": 0.25, "embedding_multiplier": 12.0}),
+    "phi3": ("Phi3Config", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "cohere": ("CohereConfig", {"logit_scale": 4.0}),
+    "gpt_oss": ("GptOssConfig", {**MOE, **SLIDING}),
+}
+
+
+def build_tiny_family(tokenizer, out_dir, family="llama", seed=0, **overrides):
+    """A 2-layer random model of one architecture family (FAMILIES) with the real tokenizer, untied output head
+    unless overridden, fp32, saved as an HF folder."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM
+    config_class, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides)
-    model = LlamaForCausalLM(config)
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **{**SHAPE, **extra, **overrides})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return str(out_dir)
 
 
+def build_tiny_model(tokenizer, out_dir, seed=0, **overrides):
+    """A 2-layer random Llama with an untied output head (as Llama-3's) and the real tokenizer, saved."""
+    return build_tiny_family(tokenizer, out_dir, "llama", seed, **overrides)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer, tmp_path_factory):
     return build_tiny_model(tokenizer, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_model_dir(tokenizer, tmp_path_factory):
+    """The same Llama with its output head tied to the embeddings (SmolLM2, small Qwen and Gemma models)."""
+    return build_tiny_model(tokenizer, tmp_path_factory.mktemp("tiny_tied_llama"), tie_word_embeddings=True)
 
 
 def write_jsonl(path, rows):

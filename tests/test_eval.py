@@ -13,7 +13,7 @@ import pytest
 from config import ConfigError, embedded_gguf_path
 
 REPO = Path(__file__).resolve().parent.parent
-MT_BENCH = REPO.parent / "shared" / "data" / "mt_bench"
+MT_BENCH = REPO / "tests" / "data" / "mt_bench"  # a subset, with its license
 ENV = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 # Original questions: 2 subjects x 6 test questions, 2 dev questions each.
@@ -288,6 +288,10 @@ def test_mt_bench_with_embedded_model_as_model_and_judge(server_url, taxonomy, t
     result = mt_bench.main([*common, "--question-file", str(MT_BENCH / "question.jsonl"), "--reference-answers",
                             str(MT_BENCH / "reference_answer_gpt-4.jsonl"), "--limit", "2", "--output", str(out)])
     assert len(result["records"]) == 2 and result["judgments"] == 4
+    writing, reasoning = result["records"]  # question 101 is graded against its GPT-4 reference answer
+    assert [j["prompt"] for j in writing["judgments"]] == ["single-v1", "single-v1-multi-turn"]
+    assert [j["prompt"] for j in reasoning["judgments"]] == ["single-math-v1", "single-math-v1-multi-turn"]
+    assert reasoning["reference"][0].startswith("If you have just overtaken the second person")
     assert all(len(r["answers"]) == 2 and all(a.strip() for a in r["answers"]) for r in result["records"])
     ratings = [j["rating"] for r in result["records"] for j in r["judgments"]]
     assert result["unparsable"] == ratings.count(None) and result["unparsable_rate"] == ratings.count(None) / 4

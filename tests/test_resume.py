@@ -1,4 +1,5 @@
 """Fault tolerance with real processes and real signals: preemption, a kill mid-save, a crashing rank."""
+import json
 import os
 import signal
 import subprocess
@@ -16,11 +17,12 @@ from config import ConfigError
 COMMON = dict(effective_batch_size=4, save_samples=4, max_batch_len=300, lr_scheduler="cosine", warmup_steps=2)
 
 
-def wait_for(predicate, timeout=300):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.005)
+def wait_for_file(path, proc):
+    """The hook's marker: the run stays parked at the named point until released, so no timing is involved
+    (pytest-timeout bounds a run that never gets there)."""
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before reaching the hook"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -38,49 +40,71 @@ def assert_same_as(reference, out):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path, tiny_model_dir, dataset, uninterrupted):
+def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path, tiny_model_dir, dataset, uninterrupted,
+                                                          monkeypatch):
     out = tmp_path / "preempted"
     args = base_args(tiny_model_dir, dataset, out, **{**COMMON, "save_samples": 0})  # only the stop saves
-    proc = run_train(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2)
-    proc.send_signal(signal.SIGTERM)
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, log[-2000:]
+    monkeypatch.setenv("MINILAB_TEST_HOOK", "after_step=2:sigterm")  # a real SIGTERM, right after step 2
+    stopped = run_train(args)
+    # the request rides on the next step's all-reduce: step 3 runs, then the run saves and stops
+    assert "stop requested: saved full state at step 3; exiting" in stopped.stdout
+    assert sorted(metrics(out)) == [1, 2, 3]
     saved = sorted((out / "full_state").glob("step_*"))
-    assert len(saved) == 1 and (saved[0] / checkpoint.MARKER).exists()
-    assert int(saved[0].name.split("_")[1]) == len(metrics(out)) < 8 and "stop requested" in log
-    run_train(args)
+    assert [p.name for p in saved] == ["step_00000003"] and (saved[0] / checkpoint.MARKER).exists()
+    assert json.loads((saved[0] / "trainer_state.json").read_text())["global_step"] == 3  # of 8
+    assert not (out / "hf_format").exists() and "done: 3 steps" in stopped.stdout  # no end-of-run save followed
+    monkeypatch.delenv("MINILAB_TEST_HOOK")
+    resumed = run_train(args)
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     assert_same_as(uninterrupted, out)
 
 
-def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path, tiny_model_dir, dataset):
+def test_sigusr1_to_one_rank_stops_all_ranks(tmp_path, tiny_model_dir, dataset, monkeypatch):
     out = tmp_path / "usr1"
+    monkeypatch.setenv("MINILAB_TEST_HOOK", "after_step=2:pause@1")  # rank 1 waits; rank 0 goes on into step 3
+    monkeypatch.setenv("MINILAB_TEST_HOOK_DIR", str(tmp_path))
     proc = run_train(base_args(tiny_model_dir, dataset, out, **{**COMMON, "save_samples": 0}), nproc=2,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2)
-    workers = subprocess.run(["pgrep", "-f", f"ckpt_output_dir={out} ", "-P", str(proc.pid)],
-                             capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2
-    os.kill(int(workers[1]), signal.SIGUSR1)
-    assert proc.wait(timeout=300) == 0
-    assert len(list((out / "full_state").glob("step_*"))) == 1
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for_file(tmp_path / "paused_rank1", proc)
+        assert not (tmp_path / "paused_rank0").exists()
+        os.kill(int((tmp_path / "paused_rank1").read_text()), signal.SIGUSR1)  # to rank 1 only
+        log, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, log[-3000:]
+    assert "stop requested: saved full state at step 3" in log and sorted(metrics(out)) == [1, 2, 3]
+    assert [p.name for p in (out / "full_state").glob("step_*")] == ["step_00000003"]
 
 
-def test_kill_during_save_keeps_the_last_good_state(tmp_path, tiny_model_dir, dataset, uninterrupted):
+def test_kill_during_save_keeps_the_last_good_state(tmp_path, tiny_model_dir, dataset, uninterrupted, monkeypatch):
     out = tmp_path / "midsave"
     args = base_args(tiny_model_dir, dataset, out, **COMMON)
-    proc = run_train(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # SIGKILL with step 3's state written in full, COMPLETE marker included, but not yet renamed into place
+    monkeypatch.setenv("MINILAB_TEST_HOOK", "inside_save=3:kill")
+    killed = run_train(args, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     root = out / "full_state"
-    # the third save is being written: its temp folder exists and two complete states are there
-    wait_for(lambda: root.exists() and len(list(root.glob("step_*"))) >= 2 and list(root.glob(".step_*.tmp")))
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    stale = list(root.glob(".step_*.tmp"))
-    assert stale, "the kill did not land inside a save"
-    found = checkpoint.find_resume("auto", str(out))
-    assert (found / checkpoint.MARKER).exists() and not list(root.glob(".step_*.tmp"))  # cleaned up
-    run_train(args)
+    assert (root / ".step_00000003.tmp" / checkpoint.MARKER).exists()
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000002"]
+    assert checkpoint.find_resume("auto", str(out)) == root / "step_00000002"
+    assert not list(root.glob(".step_*.tmp"))  # the half-done save was cleaned up
+    monkeypatch.delenv("MINILAB_TEST_HOOK")
+    resumed = run_train(args)
+    assert "at step 2" in resumed.stdout
     assert_same_as(uninterrupted, out)
+
+
+def test_the_test_hook_refuses_what_it_cannot_read(monkeypatch):
+    monkeypatch.setenv("MINILAB_TEST_HOOK", "after_stpe=2:kill")
+    with pytest.raises(ValueError, match="cannot read 'after_stpe=2:kill'"):
+        checkpoint.fault_point("after_step", 2)
+    monkeypatch.setenv("MINILAB_TEST_HOOK", "after_step=2:explode")
+    with pytest.raises(ValueError, match="actions kill, pause or a signal name"):
+        checkpoint.fault_point("after_step", 1)
+    monkeypatch.setenv("MINILAB_TEST_HOOK", "after_step=2:sigusr2@1")
+    checkpoint.fault_point("after_step", 2)  # rank 0 here: not for this process, nothing happens
 
 
 def test_a_crashing_rank_restarts_and_resumes_under_max_restarts(tmp_path, tiny_model_dir, dataset, uninterrupted):

@@ -1,6 +1,12 @@
 """Multipack sampler: coverage, budgets, determinism, efficiency, resumability."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import sampler
 from config import ConfigError
@@ -32,15 +38,43 @@ def test_packing_efficiency_on_lognormal_lengths(batch, max_len, mu):
     assert sampler.packing_efficiency(steps, lengths, max_len, 2) >= 0.95
 
 
-def test_deterministic_per_seed_and_epoch_and_resumable():
+def flat(steps):
+    return [i for s in steps for m in s["micro_batches"] for r in m for i in r.tolist()]
+
+
+def test_deterministic_per_seed_and_epoch():
     lengths = lognormal_lengths(2000)
     plan = lambda seed, epoch: sampler.plan_epoch(lengths, lengths, 128, 4096, 2, seed, epoch)  # noqa: E731
-    flat = lambda steps: [i for s in steps for m in s["micro_batches"] for r in m for i in r.tolist()]  # noqa: E731
     a, b = plan(3, 0), plan(3, 0)
     assert flat(a) == flat(b)
     assert flat(plan(3, 1)) != flat(a) and flat(plan(4, 0)) != flat(a)
-    # a resumed run re-plans the epoch and continues at its step cursor: the remaining steps are the same
-    assert flat(b[5:]) == flat(a)[len(flat(a[:5])):]
+
+
+def test_a_resumed_process_plans_the_same_remaining_steps(tmp_path):
+    """train.py resumes by planning the epoch again in a new process and skipping to its saved step cursor, so
+    the plan may depend on its arguments only: not on the global RNGs, hash order or earlier calls."""
+    lengths = lognormal_lengths(2000)
+    np.save(tmp_path / "lengths.npy", lengths)
+    here = sampler.plan_epoch(lengths, lengths // 2, 128, 4096, 2, seed=3, epoch=1)
+    resumed = """if True:
+        import json, random, sys
+        import numpy as np, torch
+        import sampler
+        random.seed(99); np.random.seed(99); torch.manual_seed(99)  # other global RNG states than the first run
+        lengths = np.load(sys.argv[1])
+        sampler.plan_epoch(lengths, lengths, 64, 4096, 2, seed=3, epoch=0)  # the epoch before, other settings
+        steps = sampler.plan_epoch(lengths, lengths // 2, 128, 4096, 2, seed=3, epoch=1)[5:]
+        print(json.dumps([{"micro_batches": [[r.tolist() for r in m] for m in s["micro_batches"]],
+                           "num_samples": s["num_samples"], "num_loss_tokens": int(s["num_loss_tokens"])}
+                          for s in steps]))"""
+    out = subprocess.run([sys.executable, "-c", resumed, str(tmp_path / "lengths.npy")], cwd=ROOT,
+                         env={**os.environ, "PYTHONHASHSEED": "12345"}, capture_output=True, text=True, check=True)
+    rest = json.loads(out.stdout)
+    assert len(rest) == len(here) - 5 > 0
+    for mine, theirs in zip(here[5:], rest):
+        assert [[rank.tolist() for rank in m] for m in mine["micro_batches"]] == theirs["micro_batches"]
+        assert (mine["num_samples"], int(mine["num_loss_tokens"])) == (theirs["num_samples"],
+                                                                       theirs["num_loss_tokens"])
 
 
 def test_ranks_get_balanced_loads():

@@ -116,6 +116,28 @@ def test_grounded_skill_needs_context_in_every_seed(tmp_path):
     assert problems[0].startswith(f"{tmp_path}/g/qna.yaml:14: seed_examples.3 has no context"), problems
 
 
+def test_git_options_in_document_repo_or_commit_are_refused_before_git_runs(tmp_path):
+    from sdg.taxonomy import fetch_git_repo
+    marker = tmp_path / "injected"
+    seeds = "".join(f"  - context: c{i}\n    questions_and_answers:\n" + "".join(
+        f"      - question: q{i}{j}\n        answer: a{j}\n" for j in range(3)) for i in range(5))
+    write(tmp_path / "tax/knowledge/evil/qna.yaml", "version: 3\ncreated_by: me\ndomain: d\ndocument_outline: o\n"
+          f"seed_examples:\n{seeds}document:\n  repo: '--upload-pack=touch {marker};://example.com/r.git'\n"
+          "  commit: '--output=x'\n  patterns: ['*.md']\n")
+    leaves, problems = validate_taxonomy(tmp_path / "tax", fetch=True)
+    where = f"{tmp_path}/tax/knowledge/evil/qna.yaml"
+    assert leaves == [] and problems == [
+        f"{where}:47: document.repo '--upload-pack=touch {marker};://example.com/r.git' starts with '-' "
+        "(git would read it as an option); give a git URL",
+        f"{where}:48: document.commit '--output=x' is not a commit hash or a branch or tag name "
+        "(letters, digits, '_', '.', '/', '-', not starting with '-')"]
+    for repo, commit in ((f"--upload-pack=touch {marker}", None), ("https://example.com/r.git", "-b"),
+                         ("https://example.com/r.git", "main..x"), ("ext::sh -c touch% x", None)):
+        with pytest.raises(ConfigError, match="document"):
+            fetch_git_repo(repo, commit)
+    assert not marker.exists()
+
+
 def test_missing_taxonomy_folder_is_a_clear_error(tmp_path):
     r = sdg("validate", tmp_path / "nope", timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: taxonomy folder") and "Traceback" not in r.stderr
@@ -245,8 +267,11 @@ def check_sample(row, leaves):
     from tokenize_data import parse_line
     assert message_problem(row) is None
     parse_line(json.dumps(row).encode())  # what the trainer's tokenizer step accepts
-    assert set(row["metadata"]) == {"leaf", "pipeline"} and row["metadata"]["leaf"] in leaves
-    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    assert row["metadata"]["leaf"] in leaves
+    if row["metadata"]["pipeline"] == "document":  # a knowledge document chunk, trained as raw text
+        assert [m["role"] for m in row["messages"]] == ["pretraining"]
+    else:
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
 
 
 def test_generate_counts_are_consistent_and_output_valid(generated):
@@ -271,17 +296,22 @@ def test_generate_counts_are_consistent_and_output_valid(generated):
         assert judge["kept"] + judge["rejected"] == judge.get("parsed", 0)
         dedup = stages["dedup"]
         assert dedup["input"] == judge["kept"]
-        assert dedup["kept"] == dedup["input"] - dedup["exact_duplicates"] - dedup["near_duplicates"]
-        assert sum(row["metadata"]["leaf"] == name for row in train) == dedup["kept"] == leaf_stats["samples"]
+        assert dedup["kept"] == dedup["input"] - dedup["exact_duplicates"] - dedup["near_duplicates"] \
+            - dedup["held_out_questions"]
+        own = stages["taxonomy"]["seed_pairs"] + stages["taxonomy"]["document_chunks"]
+        assert sum(row["metadata"]["leaf"] == name for row in train) == dedup["kept"] + own == leaf_stats["samples"]
     assert stats["requests"].get("sent", 0) == sent and stats["requests"].get("cached", 0) == 0
     assert len(cache_ids(out)) == len(set(cache_ids(out))) == sent
     for row in train:
         check_sample(row, leaves)
-        assert row["metadata"]["pipeline"] == {"knowledge": "knowledge"}.get(
-            leaves[row["metadata"]["leaf"]].kind, "grounded_skills" if leaves[row["metadata"]["leaf"]].grounded else "skills")
-    users = [normalize(row["messages"][0]["content"]) for row in train]
+        assert row["metadata"]["pipeline"] in ("seed", "document", {"knowledge": "knowledge"}.get(
+            leaves[row["metadata"]["leaf"]].kind, "grounded_skills" if leaves[row["metadata"]["leaf"]].grounded else "skills"))
+    users = [normalize(row["messages"][0]["content"]) for row in train if row["metadata"]["pipeline"] != "seed"]
     assert len(users) == len(set(users))
-    assert len(test) == 5 + 5 + 15 and all(row["metadata"]["pipeline"] == "seed" for row in test)
+    seeds = sum(leaf.kind == "skill" and len(leaf.data["seed_examples"]) or sum(
+        len(s["questions_and_answers"]) for s in leaf.data["seed_examples"]) for leaf in leaves.values())
+    held = sum(s["held_out"] for s in stats["leaves"].values())
+    assert len(test) == held and 0 < held < seeds and all(row["metadata"]["pipeline"] == "heldout" for row in test)
     for row in test:
         check_sample(row, leaves)
     assert "requests sent" in r.stdout and "sourdough_starter (knowledge)" in r.stdout

@@ -138,3 +138,115 @@ def test_parallel_matches_single_process(tmp_path, embedded_dir):
     a, b = load_tokenized(str(tmp_path / "one")), load_tokenized(str(tmp_path / "two"))
     for key in ("input_ids", "labels", "offsets"):
         assert np.array_equal(a[key], b[key])
+
+
+# Real chat templates (tests/data/chat_templates/, sources in LICENSES.md), each with the special tokens its model
+# registers, put on a copy of the SmolLM2 tokenizer so that they tokenize as one token each, as in that model.
+TEMPLATES = ROOT / "tests" / "data" / "chat_templates"
+TEMPLATE_NAMES = sorted(p.stem for p in TEMPLATES.glob("*.jinja"))
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+CALL = {"type": "function", "id": "call00001", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+def template_tokenizer(tokenizer, name, tmp_path, register=True):
+    """A tokenizer folder: SmolLM2's vocabulary plus the template model's special tokens (when `register`)."""
+    import copy
+    spec = json.loads((TEMPLATES / f"{name}.json").read_text())
+    tok = copy.deepcopy(tokenizer)
+    if register:
+        added = {"additional_special_tokens": spec["special"]}
+        added.update({k + "_token": spec[k] for k in ("bos", "eos") if spec[k]})
+        tok.add_special_tokens(added, replace_extra_special_tokens=False)
+        assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in spec["special"])
+    out = tmp_path / f"tok-{name}-{register}"
+    tok.save_pretrained(out)
+    return str(out), tok, spec
+
+
+def conversations(spec):
+    """Conversations with the expected trained text of each assistant turn (content, reasoning and tool calls the
+    template renders, plus the turn's end marker), built from the messages and the template's own markers."""
+    system = [{"role": "system", "content": "You are terse. Answer user questions."}] if spec["system"] else []
+    short = ["a", "s", "end", "start", "user", "A"]
+    turns = []
+    for k, answer in enumerate(short):
+        turns += [{"role": "user", "content": f"Question {k}: give a one-word answer"},
+                  {"role": "assistant", "content": answer}]
+    spaced = [{"role": "user", "content": "  Unicode? \n"},
+              {"role": "assistant", "content": "  Café ☕, naïve, 日本語, emoji 🚀 — done.\n\n"},
+              {"role": "user", "content": "A color?"}, {"role": "assistant", "content": " Blue \n"}]
+    reasoning = [{"role": "user", "content": "What is 2+2?"},
+                 {"role": "assistant", "reasoning_content": " Two plus two: start at 2, add 2, get 4.\n",
+                  "content": "4"}]
+    samples = [{"messages": system + turns}, {"messages": system + spaced}, {"messages": reasoning}]
+    if spec.get("tool_call"):
+        samples.append({"tools": TOOLS, "messages": system + [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call00001", "name": "get_weather", "content": '{"temp_c": 21}'},
+            {"role": "assistant", "content": "It is 21 °C in Paris."}]})
+    expected = []
+    for sample in samples:
+        assistant = [m for m in sample["messages"] if m["role"] == "assistant"]
+        runs = []
+        for i, m in enumerate(assistant):
+            end = spec.get("last_end", spec["end"]) if i == len(assistant) - 1 else spec["end"]
+            if "tool_calls" in m:
+                fn = m["tool_calls"][0]["function"]
+                text = spec["tool_call"].replace("{name}", fn["name"]).replace("{id}", m["tool_calls"][0]["id"])
+                text = text.replace("{args}", json.dumps(fn["arguments"]))
+            elif "reasoning_content" in m and spec.get("reasoning_between"):
+                text = m["reasoning_content"].strip() + spec["reasoning_between"] + m["content"].strip()
+            else:
+                text = m["content"].strip()
+            runs.append(text + end)
+        expected.append(runs)
+    return samples, expected
+
+
+def trained_text_runs(data, tok, i):
+    """The trained tokens of sample i decoded, one string per run of trained tokens with nothing but whitespace
+    untrained between them (the content's own trailing whitespace is not trained)."""
+    a, b = data["offsets"][i], data["offsets"][i + 1]
+    ids, labels = np.asarray(data["input_ids"][a:b]), np.asarray(data["labels"][a:b])
+    assert np.array_equal(labels[labels != -100], ids[labels != -100].astype(np.int32))
+    trained = np.flatnonzero(labels != -100)
+    cuts = [k + 1 for k in range(len(trained) - 1) if tok.decode(ids[trained[k] + 1:trained[k + 1]].tolist()).strip()]
+    return [tok.decode(ids[r].tolist()) for r in np.split(trained, cuts)]
+
+
+def assert_runs(got, expected):
+    assert len(got) == len(expected), (got, expected)
+    for run, exp in zip(got, expected):
+        # a token may carry the one whitespace character the template puts before the content
+        assert run == exp or (run[:1].isspace() and run[1:] == exp), (run, exp)
+
+
+@pytest.mark.parametrize("name", TEMPLATE_NAMES)
+def test_real_templates_train_exactly_the_assistant_turns(tmp_path, tokenizer, name):
+    model_dir, tok, spec = template_tokenizer(tokenizer, name, tmp_path)
+    samples, expected = conversations(spec)
+    src = write_jsonl(tmp_path / "chat.jsonl", samples)
+    meta = tokenize_dataset(src, model_dir, str(tmp_path / "out"), 1024, str(TEMPLATES / f"{name}.jinja"))
+    data = load_tokenized(str(tmp_path / "out"))
+    assert meta["num_samples"] == len(samples) and meta["dropped"]["invalid"] == 0
+    assert meta["turns_without_end"] == 0
+    for i, exp in enumerate(expected):
+        assert_runs(trained_text_runs(data, tok, i), exp)
+
+
+@pytest.mark.parametrize("name", ["gemma-2", "granite-3.3", "phi-3.5", "nemotron-nano-v2"])
+def test_end_markers_that_are_not_registered_tokens_are_still_trained(tmp_path, tokenizer, name):
+    """Without the model's special tokens the end marker is several ordinary tokens (`<`, `end`, `_`, ...), and the
+    headers share them: the marker after each answer is trained in full, the headers' pieces are not."""
+    model_dir, tok, spec = template_tokenizer(tokenizer, name, tmp_path, register=False)
+    spec = {**spec, "last_end": spec.get("last_end", spec["end"]).replace("<|endoftext|>", tok.eos_token)}
+    samples, expected = conversations(spec)
+    assert len(tok.encode(spec["end"].strip(), add_special_tokens=False)) > 3
+    src = write_jsonl(tmp_path / "chat.jsonl", samples)
+    tokenize_dataset(src, model_dir, str(tmp_path / "out"), 1024, str(TEMPLATES / f"{name}.jinja"))
+    data = load_tokenized(str(tmp_path / "out"))
+    for i, exp in enumerate(expected):
+        assert_runs(trained_text_runs(data, tok, i), exp)
