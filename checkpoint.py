@@ -25,7 +25,7 @@ from config import ConfigError
 
 # Keys whose change makes a saved state meaningless for this run.
 FINGERPRINT_KEYS = ("model_path", "max_seq_len", "effective_batch_size", "random_seed", "mock_data", "lora",
-                    "distributed_backend", "chat_tmpl_path", "validation_split")
+                    "distributed_backend", "validation_split")
 KEEP_FULL_STATES = 2
 MARKER = "COMPLETE"
 HOOK_POINTS = ("after_step", "inside_save")
@@ -176,6 +176,7 @@ def fingerprint(cfg, data_meta: dict) -> dict:
     keys = {k: (vars(getattr(cfg, k)) if hasattr(getattr(cfg, k), "__dict__") else getattr(cfg, k))
             for k in FINGERPRINT_KEYS}
     keys["data_sha256"] = data_meta.get("source_sha256")
+    keys["chat_template_sha256"] = data_meta.get("chat_template_sha256")  # the template's content, not its path
     return json.loads(json.dumps(keys))
 
 

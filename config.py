@@ -251,9 +251,6 @@ def check_combinations(cfg: Config) -> list[str]:
     problems = []
     if cfg.lora.quantize_data_type and cfg.lora.rank <= 0:
         problems.append("lora.quantize_data_type (QLoRA) needs lora.rank > 0")
-    if cfg.max_batch_len < cfg.max_seq_len:
-        problems.append(f"max_batch_len ({cfg.max_batch_len}) must be at least max_seq_len ({cfg.max_seq_len}) "
-                        "so that every kept sample fits in a micro-batch")
     if cfg.effective_batch_size < 1:
         problems.append("effective_batch_size must be at least 1")
     if cfg.num_threads < 0:

@@ -7,7 +7,7 @@
     python phases.py wait-server URL PID LOG            # block until a background `python -m serve` answers
     python phases.py checkpoints CKPT_DIR               # HF checkpoint folders, oldest first
     python phases.py best EVAL_DIR CKPT_DIR [--prune]   # best checkpoint by its eval JSON's overall score
-    python phases.py summary OUT_DIR                    # deltas + artifact paths; summary.json, evaluation.png
+    python phases.py summary OUT_DIR                    # base vs trained with 95% intervals, in words; summary.json, evaluation.png
 """
 from __future__ import annotations
 

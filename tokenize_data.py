@@ -31,7 +31,8 @@ _worker: dict = {}  # per-process tokenizer state, set once by _init_worker
 
 def _init_worker(model_path: str, chat_template: str | None, max_seq_len: int):
     from model import load_tokenizer
-    _worker.update(tok=load_tokenizer(model_path), template=chat_template, max_seq_len=max_seq_len,
+    tok = load_tokenizer(model_path)
+    _worker.update(tok=tok, template=chat_template, max_seq_len=max_seq_len, added=tuple(tok.get_added_vocab()),
                    args=(model_path, chat_template, max_seq_len))
 
 
@@ -187,7 +188,7 @@ def render(sample: dict) -> tuple[str, list[tuple[int, int]], int]:
     if text != plain:
         raise ValueError("the chat template renders these messages differently once their content is marked "
                          "(it inspects the content), so the trained spans cannot be located exactly")
-    spans, open_turns = [], 0
+    spans, ends = [], []  # ends: [start, end, the turn has tool calls, the truncated render agreed to its end]
     for k in turns:
         own = sorted((located[i][1], i) for i, (j, _) in enumerate(pieces) if j == k and i in located)
         calls = messages[k].get("tool_calls")
@@ -198,9 +199,16 @@ def render(sample: dict) -> tuple[str, list[tuple[int, int]], int]:
         texts = [located[i][0] for _, i in own if pieces[i][1] in FIELDS]
         start = min(texts) if texts else _turn_start(messages, tools, k, text, marks)
         anchor, last = own[-1]
-        end_start, end = _closing(messages, pieces, marks, tools, k, text, anchor, last)
-        spans += [(start, anchor), (end_start, end)]
-        open_turns += not text[end_start:end].strip()
+        spans.append((start, anchor))
+        ends.append([*_closing(messages, pieces, marks, tools, k, text, anchor, last), bool(calls)])
+    # A turn the template renders differently when it ends the conversation (Nemotron's final tool call) still gets
+    # the marker that closes this sample's plain turns, where the full render has it right after the agreed part
+    markers = sorted({text[s:e] for s, e, whole, calls in ends if whole and not calls and text[s:e].strip()}, key=len)
+    for end in ends:
+        if not end[2]:
+            end[1] += len(next((m for m in reversed(markers) if text.startswith(m, end[1])), ""))
+    open_turns = sum(not text[s:e].strip() for s, e, _, _ in ends)
+    spans += [(s, e) for s, e, _, _ in ends]
     return text, [s for s in spans if s[0] < s[1]], open_turns
 
 
@@ -249,8 +257,10 @@ def _closing(messages, pieces, marks, tools, k, text, anchor, last) -> tuple[int
     if trail and tail.startswith(trail) and rest.startswith(trail):
         tail, rest, anchor = tail[len(trail):], rest[len(trail):], anchor + len(trail)
     n = len(os.path.commonprefix((tail, rest)))
-    agreed = tail[:n] if n == len(tail) or tail[n].isspace() else re.sub(r"\S+$", "", tail[:n])
-    return anchor, anchor + len(agreed.rstrip())
+    clean = n == len(tail) or tail[n].isspace() or (n < len(rest) and rest[n].isspace()) \
+        or any(tail[:n].endswith(t) for t in _worker["added"])  # a cut between tokens, not inside one
+    agreed = tail[:n] if clean else re.sub(r"\S+$", "", tail[:n])
+    return anchor, anchor + len(agreed.rstrip()), n >= len(tail.rstrip())
 
 
 def label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans) -> np.ndarray:
@@ -328,7 +338,8 @@ def tokenize_dataset(data_path: str, model_path: str, output_dir: str, max_seq_l
     try:
         meta = _write_arrays(data_path, tmp, num_proc, skip_invalid, (model_path, template, max_seq_len))
         meta.update(model=model_path, max_seq_len=max_seq_len, chat_tmpl_path=chat_tmpl_path,
-                    chat_template_sha256=hashlib.sha256((template or tok.chat_template or "").encode()).hexdigest(),
+                    chat_template_sha256=hashlib.sha256(Path(chat_tmpl_path).read_bytes() if chat_tmpl_path
+                                                        else (tok.chat_template or "").encode()).hexdigest(),
                     tokenizer_sha256=tokenizer_sha256(model_path))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():

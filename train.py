@@ -30,7 +30,7 @@ import sharding
 from config import Config, ConfigError, exit_on_error, load_config
 from logger import MetricsLogger
 from model import CausalLMWithLoss, attention_backend, load_tokenizer, model_config, pack, resolve_model_path
-from tokenize_data import load_tokenized, tokenize_dataset
+from tokenize_data import load_tokenized, tokenize_dataset, tokenizer_sha256
 from tokenize_data import summary as tokenize_summary
 
 # dense bf16 FLOP/s per GPU by device name (whole words); the first match wins, so variants precede their family
@@ -68,6 +68,9 @@ def prepare_data(cfg: Config, model_path: str, rank: int) -> dict:
         offsets = np.arange(cfg.mock_data_samples + 1, dtype=np.int64) * cfg.mock_data_len
         data = {"input_ids": ids, "labels": ids.astype(np.int32), "offsets": offsets, "meta": {"mock": True}}
     else:
+        if not os.path.isfile(cfg.data_path):
+            raise ConfigError(f"data_path '{cfg.data_path}' not found: point data_path at a messages JSONL file "
+                              "(tokenized data is only reused for the file it was made from)")
         meta_file = Path(cfg.data_output_dir) / "meta.json"
         if rank == 0 and not _tokenized_matches(cfg, model_path, meta_file):
             print(f"tokenizing {cfg.data_path} -> {cfg.data_output_dir}", flush=True)
@@ -92,9 +95,12 @@ def _tokenized_matches(cfg: Config, model_path: str, meta_file: Path) -> bool:
     if not meta_file.exists():
         return False
     meta = json.loads(meta_file.read_text())
-    same_source = not os.path.exists(cfg.data_path) or meta["source_sha256"] == file_sha256(cfg.data_path)
-    return same_source and meta["model"] == model_path and meta["max_seq_len"] == cfg.max_seq_len \
-        and meta.get("chat_tmpl_path") == cfg.chat_tmpl_path
+    # the template by content: an edited template file re-tokenizes; no file means the tokenizer's own template,
+    # which the tokenizer files' hash covers
+    template = file_sha256(cfg.chat_tmpl_path) if cfg.chat_tmpl_path else None
+    return meta["source_sha256"] == file_sha256(cfg.data_path) and meta["model"] == model_path \
+        and meta.get("tokenizer_sha256") == tokenizer_sha256(model_path) and meta["max_seq_len"] == cfg.max_seq_len \
+        and (meta.get("chat_template_sha256") == template if template else meta.get("chat_tmpl_path") is None)
 
 
 def build_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
@@ -222,6 +228,8 @@ def train(cfg: Config) -> dict:
     model_path = resolve_model_path(cfg.model_path)
     tokenizer = load_tokenizer(model_path)
     data = prepare_data(cfg, model_path, rank)
+    if cfg.chat_tmpl_path:  # checkpoints carry the template the data was tokenized with, for serving
+        tokenizer.chat_template = Path(cfg.chat_tmpl_path).read_text()
     sampler.check_lengths(data["lengths"], cfg.max_batch_len)
     dtype = compute_dtype(cfg, device)
     attn = attention_backend(device, cfg.disable_flash_attn or dtype == torch.float32,  # flash-attn: 16-bit only

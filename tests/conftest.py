@@ -47,6 +47,7 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", {}),
     "cohere": ("CohereConfig", {"logit_scale": 4.0}),
     "gpt_oss": ("GptOssConfig", {**MOE, **SLIDING}),
+    "hyperclovax": ("HyperCLOVAXConfig", {"logits_scaling": 4.0}),  # Granite's key, but it multiplies
 }
 
 

@@ -20,11 +20,11 @@ def test_every_problem_is_listed_with_a_suggestion(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lerning_rate: 1.0\nlora: {rnk: 4}\nnum_epochs: two\n")
     with pytest.raises(ConfigError) as e:
-        load_config(str(bad), ["fsdp_options.sharding_strategy=FOO", "max_batch_len=8"])
+        load_config(str(bad), ["fsdp_options.sharding_strategy=FOO", "effective_batch_size=0"])
     msg = str(e.value)
     for part in ("unknown config key 'lerning_rate'; did you mean 'learning_rate'",
                  "did you mean 'lora.rank'", "'num_epochs' must be an integer",
-                 "must be one of ['FULL_SHARD'", "max_batch_len (8) must be at least max_seq_len"):
+                 "must be one of ['FULL_SHARD'", "effective_batch_size must be at least 1"):
         assert part in msg
     assert msg.count("\n  - ") == 5
 

@@ -288,10 +288,10 @@ def test_mt_bench_with_embedded_model_as_model_and_judge(server_url, taxonomy, t
     result = mt_bench.main([*common, "--question-file", str(MT_BENCH / "question.jsonl"), "--reference-answers",
                             str(MT_BENCH / "reference_answer_gpt-4.jsonl"), "--limit", "2", "--output", str(out)])
     assert len(result["records"]) == 2 and result["judgments"] == 4
-    writing, reasoning = result["records"]  # question 101 is graded against its GPT-4 reference answer
+    writing, reasoning = result["records"]  # question 101 is graded against its reference answer
     assert [j["prompt"] for j in writing["judgments"]] == ["single-v1", "single-v1-multi-turn"]
     assert [j["prompt"] for j in reasoning["judgments"]] == ["single-math-v1", "single-math-v1-multi-turn"]
-    assert reasoning["reference"][0].startswith("If you have just overtaken the second person")
+    assert reasoning["reference"] == ["You are in second place.", "Uncertain."]
     assert all(len(r["answers"]) == 2 and all(a.strip() for a in r["answers"]) for r in result["records"])
     ratings = [j["rating"] for r in result["records"] for j in r["judgments"]]
     assert result["unparsable"] == ratings.count(None) and result["unparsable_rate"] == ratings.count(None) / 4
@@ -318,4 +318,11 @@ def test_mt_bench_bad_input(tmp_path):
     with pytest.raises(ConfigError, match="missing judge prompt.*single-math-v1"):
         mt_bench.load_judge_prompts(str(prompts))
     assert set(mt_bench.load_judge_prompts(str(MT_BENCH / "judge_prompts.jsonl"))) >= set(mt_bench.PROMPT_NAMES)
+    # question 123 (coding) has its reference only in the GPT-4 answer file; 101 carries its own
+    with pytest.raises(ConfigError, match="question 123 .coding. needs a reference answer"):
+        mt_bench.load_questions(str(MT_BENCH / "question.jsonl"), None)
+    questions = {q["question_id"]: q for q in mt_bench.load_questions(str(MT_BENCH / "question.jsonl"),
+                                                                      str(MT_BENCH / "reference_answer_gpt-4.jsonl"))}
+    assert questions[81]["reference"] is None and questions[101]["reference"][0] == "You are in second place."
+    assert questions[123]["reference"][0].startswith("<!DOCTYPE html>") and len(questions[123]["reference"]) == 2
     assert set(mt_bench.load_judge_prompts(None)) == set(mt_bench.PROMPT_NAMES)

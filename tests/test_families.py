@@ -27,6 +27,7 @@ FEATURES = {
     "granite": {"logits scaling": {"logits_scaling": 1.0}},
     "granitemoe": {"logits scaling": {"logits_scaling": 1.0}, "router aux loss": {"output_router_logits": False}},
     "cohere": {"logit scale": {"logit_scale": 1.0}},
+    "hyperclovax": {"logits scaling": {"logits_scaling": 1.0}},
     "qwen3_moe": {"router aux loss": {"output_router_logits": False}},
     "mixtral": {"router aux loss": {"output_router_logits": False}},
     "gpt_oss": {"router aux loss": {"output_router_logits": False}, "attention sinks": None},
@@ -119,18 +120,16 @@ def test_what_sets_a_family_apart_changes_its_own_loss(family_dir, family, featu
 
 
 def test_head_transforms_and_attention_features_not_applied_are_refused_at_start(tmp_path, tokenizer, dataset):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    # HyperCLOVAX multiplies its logits by logits_scaling, Granite divides by it: a key is not its meaning
-    config = AutoConfig.for_model("hyperclovax", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  logits_scaling=2.0)
-    model_dir = tmp_path / "hyperclovax"
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    from transformers import AutoConfig
+    # Beam softcaps its logits (final_logit_softcapping), but its forward is not one model.HEAD_TRANSFORMS lists.
+    # The folder holds no weights: the refusal comes before any is read.
+    model_dir = tmp_path / "beam"
+    AutoConfig.for_model("beam", vocab_size=len(tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     data = {"data_path": dataset["data_path"], "data_output_dir": str(tmp_path / "tok")}
     r = run_train(base_args(str(model_dir), data, tmp_path / "run", max_steps=1), check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "model type 'hyperclovax' sets logits_scaling=2.0, which its output head applies" in r.stderr
+    assert "model type 'beam' sets final_logit_softcapping=30.0, which its output head applies" in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
     from transformers import Gemma3TextConfig
@@ -156,7 +155,7 @@ def test_attention_inputs_no_packed_backend_applies_are_refused(family_dir):
         sdpa_varlen(attention, q, q[:, :2], q[:, :2], None, sample_bounds=[0, 6])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "hyperclovax"])  # its layers are Llama's
 def test_lora_finds_each_familys_projections_trains_and_merges_exactly(family_dir, family):
     path = family_dir(family)
     attn = attention_backend(CPU, False, model_config(path))
@@ -165,7 +164,8 @@ def test_lora_finds_each_familys_projections_trains_and_merges_exactly(family_di
     cfg = load_config(None, ["lora.rank=4", "lora.alpha=8", "lora.dropout=0.0"])
     lm = sharding.apply_lora(base, cfg)  # lora.target_modules unset: peft's all-linear
     adapted = {name.split("layers.", 1)[1] for name, m in lm.named_modules() if hasattr(m, "lora_A")}
-    assert adapted == linears and all(sum(a.startswith(f"{i}.") for a in adapted) >= 4 for i in range(2))
+    # every linear layer, and for Mixtral and Qwen3-MoE peft also wraps the router and the fused expert weights
+    assert linears <= adapted and all(sum(a.startswith(f"{i}.") for a in adapted) >= 4 for i in range(2))
     assert not hasattr(lm.get_output_embeddings(), "lora_A")  # the head stays as trained
     model = CausalLMWithLoss(lm).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

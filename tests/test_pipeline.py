@@ -180,9 +180,9 @@ def test_bad_settings_are_rejected_at_start_with_every_problem(tmp_path):
     assert "evaluate.mmlu_limt" in result.stderr and "evaluate.mmlu_limit" in result.stderr
     assert "generate.num_instructions must be a whole number" in result.stderr
     result = pipeline("--output-dir", str(tmp_path), "--profile", "cpu", "--set", "train.lora.rank=abc",
-                      "--set", "train.max_batch_len=10")
+                      "--set", "train.effective_batch_size=0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "'lora.rank' must be an integer" in result.stderr and "max_batch_len (10)" in result.stderr
+    assert "'lora.rank' must be an integer" in result.stderr and "effective_batch_size must be" in result.stderr
     result = pipeline("--output-dir", str(tmp_path), "--only", "trian")
     assert result.returncode == 2 and "unknown stage 'trian'" in result.stderr
     assert not list((tmp_path / ".done").glob("*")) if (tmp_path / ".done").exists() else True

@@ -13,6 +13,7 @@ from conftest import ROOT, write_jsonl
 
 from config import ConfigError
 from sdg.generate import chunk_document
+from sdg.heldout import record_hash
 from sdg.mix import message_problem, mix
 from sdg.parse import (deduplicate, normalize, parse_answer, parse_context, parse_qa_pair, parse_question,
                        parse_score)
@@ -61,11 +62,12 @@ SEED = "  - question: Write a note number {i}.\n    answer: Here is note {i}.\n"
 def test_sample_taxonomy_is_valid():
     r = sdg("validate", SAMPLE, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "3 leaves valid" in r.stdout
+    assert "4 leaves valid" in r.stdout
     kinds = {leaf.name: (leaf.kind, leaf.grounded, len(leaf.documents)) for leaf in load_taxonomy(SAMPLE)}
     assert kinds == {"compositional_skills/writing/thank_you_notes": ("skill", False, 0),
                      "compositional_skills/extraction/meeting_action_items": ("skill", True, 0),
-                     "knowledge/food/sourdough_starter": ("knowledge", False, 1)}
+                     "knowledge/food/sourdough_starter": ("knowledge", False, 1),
+                     "knowledge/places/marrowick": ("knowledge", False, 1)}
 
 
 def test_validate_reports_every_problem_with_file_and_line(tmp_path):
@@ -268,7 +270,7 @@ def check_sample(row, leaves):
     assert message_problem(row) is None
     parse_line(json.dumps(row).encode())  # what the trainer's tokenizer step accepts
     assert row["metadata"]["leaf"] in leaves
-    if row["metadata"]["pipeline"] == "document":  # a knowledge document chunk, trained as raw text
+    if row["metadata"]["pipeline"] in ("document", "multiple_choice"):  # raw text: a document chunk, a 4-choice seed
         assert [m["role"] for m in row["messages"]] == ["pretraining"]
     else:
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
@@ -298,20 +300,22 @@ def test_generate_counts_are_consistent_and_output_valid(generated):
         assert dedup["input"] == judge["kept"]
         assert dedup["kept"] == dedup["input"] - dedup["exact_duplicates"] - dedup["near_duplicates"] \
             - dedup["held_out_questions"]
-        own = stages["taxonomy"]["seed_pairs"] + stages["taxonomy"]["document_chunks"]
+        own = sum(stages["taxonomy"].get(k, 0) for k in ("seed_pairs", "document_chunks", "multiple_choice"))
         assert sum(row["metadata"]["leaf"] == name for row in train) == dedup["kept"] + own == leaf_stats["samples"]
     assert stats["requests"].get("sent", 0) == sent and stats["requests"].get("cached", 0) == 0
     assert len(cache_ids(out)) == len(set(cache_ids(out))) == sent
     for row in train:
         check_sample(row, leaves)
-        assert row["metadata"]["pipeline"] in ("seed", "document", {"knowledge": "knowledge"}.get(
+        assert row["metadata"]["pipeline"] in ("seed", "document", "multiple_choice", {"knowledge": "knowledge"}.get(
             leaves[row["metadata"]["leaf"]].kind, "grounded_skills" if leaves[row["metadata"]["leaf"]].grounded else "skills"))
-    users = [normalize(row["messages"][0]["content"]) for row in train if row["metadata"]["pipeline"] != "seed"]
+    users = [normalize(row["messages"][0]["content"]) for row in train
+             if row["metadata"]["pipeline"] not in ("seed", "multiple_choice")]
     assert len(users) == len(set(users))
     seeds = sum(leaf.kind == "skill" and len(leaf.data["seed_examples"]) or sum(
         len(s["questions_and_answers"]) for s in leaf.data["seed_examples"]) for leaf in leaves.values())
     held = sum(s["held_out"] for s in stats["leaves"].values())
     assert len(test) == held and 0 < held < seeds and all(row["metadata"]["pipeline"] == "heldout" for row in test)
+    assert not {record_hash(row) for row in train} & {row["metadata"]["sha256"] for row in test}  # no leak
     for row in test:
         check_sample(row, leaves)
     assert "requests sent" in r.stdout and "sourdough_starter (knowledge)" in r.stdout

@@ -168,6 +168,50 @@ def test_deepspeed_zero3_matches_then_resumes_from_its_own_checkpoint(tmp_path, 
     assert_same_training(tmp_path, reference)
 
 
+ONE_SAMPLE = {"mock_data": True, "mock_data_samples": 1, "mock_data_len": 64, "effective_batch_size": 2,
+              "max_steps": 1, "save_samples": 1}  # one step whose second rank gets no sample
+LORA = {"lora.rank": 8, "lora.alpha": 16}
+
+
+@pytest.fixture(scope="module")
+def one_sample_references(tmp_path_factory, tiny_model_dir):
+    refs = {}
+    for name, extra in (("full", {}), ("lora", LORA)):
+        refs[name] = tmp_path_factory.mktemp(f"one_sample_{name}")
+        run(args_for(tiny_model_dir, {}, refs[name], **ONE_SAMPLE, **extra), dump_grads=True)
+    return refs
+
+
+@pytest.mark.parametrize("extra", [{}, ZERO3, LORA], ids=["FULL_SHARD", "zero3", "lora_FULL_SHARD"])
+def test_a_rank_without_a_sample_matches_single_process(tmp_path, tiny_model_dir, one_sample_references, extra):
+    """The untied head (and LoRA's adapters) get zero gradients on the empty rank, so every rank reduces the same
+    parameters: before, gloo aborted with a collective mismatch."""
+    _, out, _ = run(args_for(tiny_model_dir, {}, tmp_path, **ONE_SAMPLE, **extra), nproc=2, dump_grads=True)
+    assert metrics(tmp_path)[1]["num_tokens"] == 64
+    assert_same_training(tmp_path, one_sample_references["lora" if extra is LORA else "full"], steps=(1,),
+                         ref_name="last_epoch")
+
+
+def test_checkpoint_keeps_the_base_models_dtype(tmp_path, tokenizer, dataset):
+    """A bf16 base trains in fp32 master weights and is saved in bf16, as its config.json says; LoRA's merged model
+    too (merged in fp32 first); the adapter stays fp32, as peft loads adapters."""
+    from transformers import AutoModelForCausalLM
+    base = tmp_path / "bf16_base"
+    build_tiny_model(tokenizer, base)
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(base)
+    assert json.loads((base / "config.json").read_text())["dtype"] == "bfloat16"
+    for name, extra in (("full", {}), ("lora", LORA)):
+        run(args_for(str(base), dataset, tmp_path / name, learning_rate=1e-2, **extra))
+        folder = tmp_path / name / "hf_format" / "last_epoch"
+        assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+        weights = hf(tmp_path / name)
+        assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+        start = load_file(base / "model.safetensors")
+        assert any(not torch.equal(start[k], v) for k, v in weights.items())  # trained, then cast
+    assert {v.dtype for v in hf(tmp_path / "lora", file="adapter/adapter_model.safetensors").values()} == {
+        torch.float32}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,5 +1,6 @@
 """tokenize_data.py with the real SmolLM2 tokenizer: loss masks, templates, drops and bad input."""
 import json
+import os
 import subprocess
 import sys
 
@@ -55,9 +56,10 @@ def test_only_assistant_content_and_end_of_turn_are_trained(tmp_path, embedded_d
         expected = [m["content"].strip() + eot for m in conv["messages"] if m["role"] == "assistant"]
         assert trained_runs(data, tokenizer, i) == expected
     first = np.asarray(data["input_ids"][: data["offsets"][1]]).tolist()
-    assert first.count(tokenizer.bos_token_id) == (1 if template else first.count(tokenizer.bos_token_id))
-    if template:
-        assert first[0] == tokenizer.bos_token_id and first[1] != tokenizer.bos_token_id  # no double BOS
+    # SmolLM2's BOS is <|im_start|>: the file template writes it once; ChatML opens each of the 3 turns with it
+    # (its default system turn, user, assistant), and the tokenizer adds no other
+    assert first[0] == tokenizer.bos_token_id and first.count(tokenizer.bos_token_id) == (1 if template else 3)
+    assert first[1] != tokenizer.bos_token_id  # no double BOS
     assert meta["total_tokens"] == int(data["offsets"][-1]) == len(data["input_ids"])
     assert data["input_ids"].dtype == np.uint32 and data["labels"].dtype == np.int32
     assert data["offsets"].dtype == np.int64
@@ -250,3 +252,104 @@ def test_end_markers_that_are_not_registered_tokens_are_still_trained(tmp_path, 
     data = load_tokenized(str(tmp_path / "out"))
     for i, exp in enumerate(expected):
         assert_runs(trained_text_runs(data, tok, i), exp)
+
+
+REJECTED = [  # (template, sample, reason): templates that would make the spans wrong reject the line instead
+    ("deepseek-r1-distill-qwen", {"messages": [{"role": "user", "content": "2+2?"},
+                                               {"role": "assistant", "content": "<think>easy</think>4"}]},
+     r"cuts or changes messages\[1\]\.content"),
+    ("gemma-2", {"messages": [{"role": "user", "content": "Weather?"},
+                              {"role": "assistant", "content": "", "tool_calls": [CALL]}]},
+     r"does not render the tool calls of messages\[1\]"),
+]
+
+
+@pytest.mark.parametrize("name,sample,reason", REJECTED, ids=["drops-think", "no-tool-calls"])
+def test_templates_that_rewrite_or_drop_trained_text_reject_the_line(tmp_path, tokenizer, name, sample, reason):
+    model_dir, _, _ = template_tokenizer(tokenizer, name, tmp_path)
+    src = write_jsonl(tmp_path / "d.jsonl", [CONVERSATIONS[0], sample])
+    with pytest.raises(ConfigError, match=rf"d.jsonl:2: .*{reason}"):
+        tokenize_dataset(src, model_dir, str(tmp_path / "out"), 512, str(TEMPLATES / f"{name}.jinja"))
+
+
+def test_a_template_without_end_markers_is_reported_once(tmp_path, embedded_dir, capsys):
+    from tokenize_data import main
+    tmpl = tmp_path / "bare.jinja"
+    tmpl.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
+    src = write_jsonl(tmp_path / "d.jsonl", CONVERSATIONS)
+    main(["--config", "", f"--data-path={src}", f"--model-path={embedded_dir}",
+          f"--data-output-dir={tmp_path}/out", f"--chat-tmpl-path={tmpl}", "--num-proc=1"])
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["turns_without_end"] == 4
+    assert out.count("nothing closes 4 trained turn(s)") == 1
+
+
+MESSAGE_ERRORS = [
+    ({"role": "user", "content": "a", "tool_calls": [CALL]}, "only allowed on assistant"),
+    ({"role": "assistant", "content": None}, "may be null only on an assistant message with tool_calls"),
+    ({"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}, r"tool_calls\[0\] must be"),
+    ({"role": "assistant", "content": "a", "reasoning_content": 3}, "reasoning_content must be a string"),
+]
+
+
+@pytest.mark.parametrize("message,reason", MESSAGE_ERRORS)
+def test_message_formats_are_validated(tmp_path, embedded_dir, message, reason):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "q"}, message]}])
+    with pytest.raises(ConfigError, match=rf"d.jsonl:1: messages\[1\].*{reason}"):
+        tokenize_dataset(src, embedded_dir, str(tmp_path / "out"), 512)
+    src = write_jsonl(tmp_path / "t.jsonl", [{**CONVERSATIONS[0], "tools": {"name": "f"}}])
+    with pytest.raises(ConfigError, match="t.jsonl:1: 'tools' must be a list"):
+        tokenize_dataset(src, embedded_dir, str(tmp_path / "out"), 512)
+
+
+def test_tokenize_cli_takes_any_max_seq_len(tmp_path, embedded_dir):
+    """Tokenization checks its own settings only: max_batch_len is train.py's business, against the data."""
+    src = write_jsonl(tmp_path / "d.jsonl", CONVERSATIONS)
+    r = subprocess.run([sys.executable, "tokenize_data.py", "--config", "", f"--data-path={src}",
+                        f"--model-path={embedded_dir}", f"--data-output-dir={tmp_path}/out", "--max-seq-len", "4096"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["max_seq_len"] == 4096
+
+
+def test_tokenized_data_is_reused_only_while_template_and_data_are_the_same(tmp_path, tiny_model_dir):
+    import train
+    from config import load_config
+    tmpl = tmp_path / "t.jinja"
+    tmpl.write_text((TEMPLATES / "gemma-2.jinja").read_text())
+    src = write_jsonl(tmp_path / "d.jsonl", [CONVERSATIONS[0], CONVERSATIONS[2]])  # Gemma takes no system turn
+    cfg = load_config(None, [f"model_path={tiny_model_dir}", f"data_path={src}", f"chat_tmpl_path={tmpl}",
+                             f"data_output_dir={tmp_path}/out", "num_proc=1"])
+    meta_file = tmp_path / "out" / "meta.json"
+    train.prepare_data(cfg, tiny_model_dir, 0)
+    assert train._tokenized_matches(cfg, tiny_model_dir, meta_file)
+    tmpl.write_text(tmpl.read_text().replace("<end_of_turn>", "<eot>"))  # edited in place: same path
+    assert not train._tokenized_matches(cfg, tiny_model_dir, meta_file)
+    data = train.prepare_data(cfg, tiny_model_dir, 0)
+    assert "<eot>" in tokenize_decode(tiny_model_dir, data) and train._tokenized_matches(cfg, tiny_model_dir, meta_file)
+    with open(src, "a") as f:
+        f.write(json.dumps(CONVERSATIONS[0]) + "\n")
+    assert not train._tokenized_matches(cfg, tiny_model_dir, meta_file)
+    os.remove(src)
+    with pytest.raises(ConfigError, match=f"data_path '{src}' not found"):
+        train.prepare_data(cfg, tiny_model_dir, 0)
+
+
+def tokenize_decode(model_dir, data):
+    from model import load_tokenizer
+    return load_tokenizer(model_dir).decode(np.asarray(data["input_ids"][: data["offsets"][1]]).tolist())
+
+
+def test_checkpoint_renders_prompts_with_the_training_template(tmp_path, tiny_model_dir, dataset, tokenizer):
+    from test_train import base_args, run_train
+    from model import load_tokenizer
+    tmpl = TEMPLATES / "gemma-2.jinja"
+    out = tmp_path / "run"
+    run_train(base_args(tiny_model_dir, {"data_path": dataset["data_path"], "data_output_dir": str(tmp_path / "tok")},
+                        out, chat_tmpl_path=tmpl, max_steps=1, checkpoint_at_epoch=True))
+    saved = load_tokenizer(str(out / "hf_format" / "last_epoch"))
+    messages = [{"role": "user", "content": "Hi"}]
+    prompt = saved.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == tokenizer.apply_chat_template(messages, chat_template=tmpl.read_text(), tokenize=False,
+                                                   add_generation_prompt=True)
+    assert prompt.endswith("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
