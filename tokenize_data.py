@@ -2,9 +2,12 @@
 
     python tokenize_data.py [--config run.yaml] [--data-path F] [--model-path M] [--data-output-dir D] ...
 
-Each line is {"messages": [{"role", "content"}, ...], "unmask": bool?}. The chat template (the tokenizer's own or
---chat-tmpl-path) renders each conversation; labels are -100 except on assistant content and the end-of-turn
-token that closes it (with `unmask`, every non-system message; role `pretraining`: the raw text, all trained).
+Each line is {"messages": [{"role", "content"}, ...], "tools": [...]?, "unmask": bool?}. Assistant messages may carry
+`reasoning_content` and `tool_calls` (OpenAI format; content may then be null); `tool` messages hold tool results.
+The chat template (the tokenizer's own or --chat-tmpl-path) renders each conversation; labels are -100 except on
+what the assistant writes as the template renders it (content, reasoning, tool calls) and the text that closes each
+such turn (with `unmask`, every non-system message; role `pretraining`: the raw text, all trained). Tool results
+and headers are never trained; a line whose trained text the template rewrites is rejected, never mis-masked.
 Output, written to a temp folder and renamed when complete: input_ids.npy (uint32), labels.npy (int32),
 offsets.npy (int64, n+1 sample boundaries) and meta.json.
 """
@@ -82,8 +85,8 @@ def _check_message(k: int, m) -> None:
                                  '{"name": "...", "arguments": {...} or "..."}}')
     content = m.get("content")
     if not isinstance(content, str) and not (calls and content in (None, "")):
-        raise ValueError(f"messages[{k}].content must be a string, got {type(content).__name__}"
-                         + (" (it may be null only on an assistant message with tool_calls)" if content is None else ""))
+        hint = " (it may be null only on an assistant message with tool_calls)" if content is None else ""
+        raise ValueError(f"messages[{k}].content must be a string, got {type(content).__name__}{hint}")
     reasoning = m.get("reasoning_content")
     if reasoning is not None and (m["role"] != "assistant" or not isinstance(reasoning, str)):
         raise ValueError(f"messages[{k}].reasoning_content must be a string on an assistant message")
@@ -94,7 +97,6 @@ def _check_message(k: int, m) -> None:
 # template that trims, drops or reorders content cannot make one piece's marker pass for another's.
 MARK_SETS = [tuple(chr(base + i) for i in range(3)) for base in range(0xE000, 0xE800, 0x100)]
 FIELDS = ("reasoning_content", "content")  # reasoning first: templates render it before the answer
-SEGMENT = re.compile(r"\s*\S+")
 
 
 def _apply(messages, tools, add_generation_prompt=False) -> str:
@@ -124,8 +126,8 @@ def _marked(messages, pieces, marks) -> list[dict]:
         if field in FIELDS:
             out[k][field] = marked
         else:
-            last = out[k]["tool_calls"][-1]
-            out[k]["tool_calls"] = out[k]["tool_calls"][:-1] + [{**last, "function": {**last["function"], "name": marked}}]
+            *calls, last = out[k]["tool_calls"]
+            out[k]["tool_calls"] = calls + [{**last, "function": {**last["function"], "name": marked}}]
     return out
 
 

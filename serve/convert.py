@@ -13,16 +13,20 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from safetensors import safe_open
 
 from config import ConfigError, exit_on_error
 
 QUANTIZATIONS = ("F16", "Q8_0", "Q4_K_M")
 CACHED_NAME = "model-f16.gguf"
 CONVERTER = "convert_hf_to_gguf"
+ERROR_LINE = re.compile(r"ERROR:|[\w.]*(Error|Exception)\b")
 
 
 def read_json(path: Path) -> dict:
@@ -43,9 +47,16 @@ def check_checkpoint(source: Path) -> None:
     if not (source / "config.json").exists():
         raise ConfigError(f"{source / 'config.json'} is missing; an HF checkpoint folder needs config.json, "
                           "*.safetensors and the tokenizer files (save them with save_pretrained)")
-    if not glob.glob(str(source / "*.safetensors")):
+    weights = sorted(glob.glob(str(source / "*.safetensors")))
+    if not weights:
         raise ConfigError(f"{source} has no *.safetensors files; save the model with save_pretrained "
                           "(safetensors is the only weight format accepted)")
+    for path in weights:  # the header check finds truncated files, which the converter reports as an mmap error
+        try:
+            with safe_open(path, framework="np"):
+                pass
+        except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+            raise ConfigError(f"{path}: not a readable safetensors file ({e}); re-save the checkpoint") from None
     # llama.cpp's converter loads a few tokenizers (Qwen-1, InternS1, ...) with trust_remote_code=True
     for name, key in (("tokenizer_config.json", None), ("config.json", "AutoTokenizer")):
         auto_map = read_json(source / name).get("auto_map") if (source / name).exists() else None
@@ -74,11 +85,12 @@ def write_f16_gguf(source: Path, workdir: Path) -> Path:
                            str(source.resolve())], cwd=workdir, capture_output=True, text=True,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))  # a local folder never needs the hub
     if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()] or [f"exit code {done.returncode}"]
-        raise ConfigError(f"{source}: llama.cpp's converter cannot convert this checkpoint: "
-                          f"{lines[-1].removeprefix('ERROR:hf-to-gguf:')} (the full log: python -m {CONVERTER} "
-                          f"--outtype f16 --outfile FILE.gguf -- {source}; the architectures it knows: "
-                          f"python -m {CONVERTER} --print-supported-models)")
+        # its own words: the last error it logged or the exception that ended it (progress bars may follow)
+        errors = [line for line in done.stderr.splitlines() if ERROR_LINE.match(line)]
+        message = errors[-1].removeprefix("ERROR:hf-to-gguf:") if errors else f"exit code {done.returncode}"
+        raise ConfigError(f"{source}: llama.cpp's converter cannot convert this checkpoint: {message} (the full "
+                          f"log: python -m {CONVERTER} --outtype f16 --outfile FILE.gguf -- {source}; the "
+                          f"architectures it knows: python -m {CONVERTER} --print-supported-models)")
     return workdir / "model.gguf"
 
 

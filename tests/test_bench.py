@@ -5,7 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
+
+import train
+from config import Config
 
 
 def run_bench(script, *args):
@@ -39,6 +43,7 @@ def test_tokenize_bench_counts_the_same_tokens_in_every_method(tmp_path, embedde
         assert re.search(rf"^{re.escape(name)} +{r['tokens_per_s']:.0f} +{r['ratio']:.2f}x$", out, re.M), name
 
 
+@pytest.mark.slow
 def test_train_throughput_bench_agrees_with_train_py_metrics(tmp_path, tiny_model_dir):
     out = run_bench("train_throughput.py", "--model-path", tiny_model_dir, "--samples", "12", "--median-words", "20",
                     "--effective-batch-size", "4", "--steps", "2", "--warmup", "1", "--ladder",
@@ -53,10 +58,17 @@ def test_train_throughput_bench_agrees_with_train_py_metrics(tmp_path, tiny_mode
     # logged times leave out the moments between steps, so they may fall short of the outside clock, but never
     # exceed it by more than the outside clock's own error (it looks every few ms; each end can be one look late)
     bound = result["outside_clock_error_bound"]
+    assert bound < 0.25, "the outside clock is too coarse for these steps: the check below would mean nothing"
     assert 0.8 * (1 - bound) < result["logged_vs_outside_step_time"] <= 1 + bound
     assert "train.py is" in out
+    ladder = result["ladder_raw_tokens_per_s"]  # printed over the ladder's first row: raw fwd+bwd both
+    first = next(iter(ladder.values()))
+    for name, rate in ladder.items():
+        line = rf"^ladder \(raw fwd\+bwd\) {re.escape(name)} +{rate:.1f} tokens/s +{rate / first:.2f}x the first$"
+        assert re.search(line, out, re.M), name
 
 
+@pytest.mark.slow
 def test_mfu_bench_runs_train_py_and_the_padding_free_trainer_on_a_shape(tmp_path):
     out = run_bench("mfu.py", "--shape", "tiny", "--tokens-per-gpu", "256", "--seq-len", "64", "--steps", "2",
                     "--warmup", "1", "--ladder", "--json", str(tmp_path / "m.json"))
@@ -70,8 +82,11 @@ def test_mfu_bench_runs_train_py_and_the_padding_free_trainer_on_a_shape(tmp_pat
     for r in result["runs"][:-1]:
         # train.py's own step timing against the bench's clock, within that clock's error
         bound = r["outside_clock_error_bound"]
+        assert bound < 0.25, "the outside clock is too coarse for these steps: the check below would mean nothing"
         assert 0.8 * (1 - bound) < r["logged_vs_outside_step_time"] <= 1 + bound
     assert result["train_py_vs_hf_tokens_per_s"] > 0 and "train.py vs the Trainer" in out
+    # the Trainer computes in the dtype train.py picks (dtype auto: bf16 autocast on a CPU with native bf16)
+    assert result["runs"][-1]["bf16"] == (train.compute_dtype(Config(), torch.device("cpu")) == torch.bfloat16)
 
 
 def test_train_py_flops_match_the_mfu_bench_formula_for_tied_and_untied_heads():
@@ -79,7 +94,6 @@ def test_train_py_flops_match_the_mfu_bench_formula_for_tied_and_untied_heads():
     from the shape."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import train
     from bench.mfu import SHAPES, shape_flops
     lengths = [10, 37, 5]
     for tied in (True, False):

@@ -44,13 +44,13 @@ def test_speed_settings_are_checked_and_the_old_checkpointing_key_is_pointed_to_
 
 def test_profiles_set_defaults_that_config_and_command_line_override(tmp_path):
     cfg = load_config(None, profile="cpu")
-    assert cfg.profile == "cpu" and cfg.lora.rank == 16
+    assert cfg.profile == "cpu" and cfg.lora.rank == 32
     own = tmp_path / "run.yaml"
     own.write_text("profile: multi-gpu\nlearning_rate: 3.0e-5\n")
     cfg = load_config(str(own), ["num_epochs=2"])
     assert cfg.profile == "multi-gpu" and cfg.distributed_backend == "fsdp" and cfg.lora.rank == 0
     assert cfg.learning_rate == 3e-5 and cfg.num_epochs == 2
-    assert load_config(str(own), profile="cpu").lora.rank == 16
+    assert load_config(str(own), profile="cpu").lora.rank == 32
     assert load_config(None, profile="auto").profile == "cpu"  # no GPU here
     with pytest.raises(ConfigError, match="profile 'gpu9' not found.*cpu, multi-gpu, single-gpu"):
         load_config(None, profile="gpu9")

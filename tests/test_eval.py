@@ -279,6 +279,7 @@ def test_parse_rating():
     assert parse_rating("[[11]]") is None and parse_rating("[[0]]") is None and parse_rating("") is None
 
 
+@pytest.mark.slow
 def test_mt_bench_with_embedded_model_as_model_and_judge(server_url, taxonomy, tmp_path):
     from eval import mt_bench
 

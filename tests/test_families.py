@@ -195,4 +195,7 @@ def test_fsdp2_two_processes_equal_one(tmp_path, family_dir, dataset, family):
     one, two = metrics(tmp_path / "one")[1], metrics(tmp_path / "two")[1]
     assert two["num_tokens"] == one["num_tokens"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
-    assert_same_weights(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)  # measured 5e-9: the gradients' scale
+    # Adam's first step is lr x g / (|g| + eps): an entry whose gradient is near eps moves by up to lr (1e-3) on
+    # fp32 summation order alone (measured 1.5e-6 on one entry of 2048, as with accumulation in one process)
+    assert_same_weights(weights(tmp_path / "two"), weights(tmp_path / "one"), atol=5e-6)

@@ -313,6 +313,7 @@ def test_tokenize_cli_takes_any_max_seq_len(tmp_path, embedded_dir):
 
 
 def test_tokenized_data_is_reused_only_while_template_and_data_are_the_same(tmp_path, tiny_model_dir):
+    import checkpoint
     import train
     from config import load_config
     tmpl = tmp_path / "t.jinja"
@@ -321,12 +322,14 @@ def test_tokenized_data_is_reused_only_while_template_and_data_are_the_same(tmp_
     cfg = load_config(None, [f"model_path={tiny_model_dir}", f"data_path={src}", f"chat_tmpl_path={tmpl}",
                              f"data_output_dir={tmp_path}/out", "num_proc=1"])
     meta_file = tmp_path / "out" / "meta.json"
-    train.prepare_data(cfg, tiny_model_dir, 0)
+    before = checkpoint.fingerprint(cfg, train.prepare_data(cfg, tiny_model_dir, 0)["meta"])
     assert train._tokenized_matches(cfg, tiny_model_dir, meta_file)
     tmpl.write_text(tmpl.read_text().replace("<end_of_turn>", "<eot>"))  # edited in place: same path
     assert not train._tokenized_matches(cfg, tiny_model_dir, meta_file)
     data = train.prepare_data(cfg, tiny_model_dir, 0)
     assert "<eot>" in tokenize_decode(tiny_model_dir, data) and train._tokenized_matches(cfg, tiny_model_dir, meta_file)
+    after = checkpoint.fingerprint(cfg, data["meta"])  # resuming across the edit is refused: same path, new text
+    assert "chat_tmpl_path" not in after and before["chat_template_sha256"] != after["chat_template_sha256"]
     with open(src, "a") as f:
         f.write(json.dumps(CONVERSATIONS[0]) + "\n")
     assert not train._tokenized_matches(cfg, tiny_model_dir, meta_file)

@@ -134,7 +134,8 @@ def test_sampler_is_swapped_by_replacing_one_function(tmp_path, tiny_model_dir, 
     assert rows[1]["samples_seen"] == 8 and rows[2]["samples_seen"] == 16
 
 
-def test_mock_data_loss_goes_down_and_checkpoints_load(tmp_path, tiny_model_dir):
+def test_mock_data_loss_goes_down_and_checkpoints_load(tmp_path, tiny_tied_model_dir):
+    tiny_model_dir = tiny_tied_model_dir  # a tied head must stay tied in the saved checkpoint
     from transformers import AutoModelForCausalLM
     out = tmp_path / "mock"
     args = [f"model_path={tiny_model_dir}", f"ckpt_output_dir={out}", "mock_data=true", "mock_data_len=32",
