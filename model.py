@@ -150,9 +150,8 @@ def sdpa_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling=
     own eager attention per sample instead, with that sample's causal (and sliding-window) mask.
     Without sample_bounds (generation, merge checks) it is HF's own sdpa over the unpadded sequence."""
     _refuse_unhandled_attention(module, kwargs)
-    eager = module.config._attn_implementation == "eager_varlen" or any(kwargs.get(k) is not None
-                                                                         for k in SDPA_CANNOT)
-    if eager:
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if implementation == "eager_varlen" or any(kwargs.get(k) is not None for k in SDPA_CANNOT):
         return _eager_per_sample(module, query, key, value, dropout, scaling, sample_bounds, sliding_window,
                                  **kwargs)
     if sample_bounds is None:

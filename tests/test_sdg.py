@@ -260,7 +260,7 @@ def teacher_url():
 def generated(teacher_url, tmp_path_factory):
     out = tmp_path_factory.mktemp("sdg_out")
     r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", out, "--num-instructions", 3, "--endpoint", teacher_url,
-            "--concurrency", 2, "--judge-threshold", 1, *FAST)
+            "--concurrency", 2, "--judge-threshold", 1, *FAST, timeout=600)  # four leaves
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 

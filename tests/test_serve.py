@@ -1,5 +1,6 @@
 """serve/: a real llama.cpp server on loopback with the embedded SmolLM2, driven through the real openai client,
-plus HF -> GGUF conversion checked against transformers on a tiny trained checkpoint."""
+plus HF -> GGUF conversion by llama.cpp's own converter, checked against transformers on a tiny trained checkpoint
+and on a tiny random model of each architecture family llama.cpp runs."""
 from __future__ import annotations
 
 import json

@@ -225,3 +225,15 @@ def test_random_init_needs_only_a_config(tmp_path, tiny_model_dir):
     pretrained = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     key = "model.layers.0.mlp.up_proj.weight"
     assert not torch.allclose(trained[key], pretrained[key], atol=1e-2)  # not the folder's weights
+
+
+def test_dropped_samples_are_reported_at_start(tmp_path, tiny_model_dir):
+    from conftest import write_jsonl
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Yes."}]}
+            for i in range(4)]
+    rows.append({"messages": [{"role": "user", "content": "long " * 400}, {"role": "assistant", "content": "ok"}]})
+    rows.append({"messages": [{"role": "user", "content": "only a question"}]})  # nothing to train on
+    data = {"data_path": write_jsonl(tmp_path / "d.jsonl", rows), "data_output_dir": str(tmp_path / "tok")}
+    r = run_train(base_args(tiny_model_dir, data, tmp_path / "run", max_steps=1, effective_batch_size=4))
+    assert "data: tokenized 4 samples" in r.stdout
+    assert "dropped: {'too_long': 1, 'no_loss_tokens': 1, 'invalid': 0}" in r.stdout, r.stdout
