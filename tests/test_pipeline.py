@@ -70,11 +70,12 @@ def is_png(path):
 
 def test_every_stage_ran_and_printed_its_command(run):
     out, result = run
-    for stage in ("validate", "generate", "mix", "tokenize", "train", "mmlu", "convert", "mtbench", "chat"):
+    for stage in ("validate", "generate", "mix", "tokenize", "train", "mmlu", "heldout", "convert", "mtbench",
+                  "chat"):
         assert (out / ".done" / stage).exists(), stage
     for command in ("+ python -m sdg validate", "+ python -m sdg generate", "+ python -m sdg mix",
                     "+ python tokenize_data.py --config", "+ python train.py --config", "+ python -m eval.mmlu",
-                    "+ python -m serve.convert", "+ python -m eval.mt_bench", "+ python -m serve.chat"):
+                    "+ python -m eval.heldout", "+ python -m serve.convert", "+ python -m eval.mt_bench", "+ python -m serve.chat"):
         assert command in result.stderr, command
 
 
@@ -133,7 +134,7 @@ def test_rerun_resumes_by_skipping_finished_stages(run):
     before = (out / "model.gguf").stat().st_mtime_ns
     result = pipeline("--output-dir", str(out), *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("done already") == 9
+    assert result.stdout.count("done already") == 10  # every stage but the summary
     assert "+ python train.py" not in result.stderr
     assert (out / "model.gguf").stat().st_mtime_ns == before
 
@@ -164,7 +165,7 @@ def test_phased_training_carries_the_best_phase1_checkpoint(run, tmp_path, tiny_
     assert phase2_evals == ["samples_1.json", "samples_2.json"]
     final = Path((tmp_path / "final_model.txt").read_text().strip())
     assert final.parent == tmp_path / "phase2" / "checkpoints" / "hf_format" and (final / "config.json").exists()
-    for stage in ("validate", "generate", "mmlu", "convert", "mtbench", "chat", "summary"):  # not in --only
+    for stage in ("validate", "generate", "mmlu", "heldout", "convert", "mtbench", "chat", "summary"):  # not --only
         assert f"== {stage}: skipped" in result.stdout, stage
     assert result.stderr.count("+ python -m eval.mt_bench") == 2  # one per phase-2 checkpoint
     servers = servers_started(result.stderr)  # the judge (the base model), then each checkpoint in turn
