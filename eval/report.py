@@ -69,6 +69,13 @@ def plot_scores(path: str, series: dict[str, dict[str, float]], ylabel: str) -> 
     ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(names))], names, rotation=45, ha="right")
     ax.set_ylabel(ylabel)
     ax.legend()
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+    """Written under a temp name and renamed: a killed run never leaves half a PNG."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
     fig.savefig(tmp)
@@ -134,8 +141,4 @@ def plot_intervals(path: str, rows: dict[str, tuple[dict, dict]], ylabel: str) -
     ax.set_ylabel(ylabel)
     ax.set_title("base vs trained, 95% intervals")
     ax.legend()
-    fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, path)

@@ -20,6 +20,7 @@ TINY = ["--profile", "cpu",
         "--set", "generate.num_instructions=3", "--set", "generate.max_tokens=48",
         "--set", "evaluate.mmlu_limit=3", "--set", "evaluate.mt_bench_limit=1", "--set", "evaluate.max_tokens=24",
         "--set", "evaluate.judge_max_tokens=48", "--set", "evaluate.chat_max_tokens=16",
+        "--set", "evaluate.heldout_max_tokens=4",
         "--set", "train.max_steps=1", "--set", "train.max_seq_len=256", "--set", "train.max_batch_len=1024",
         "--set", "train.effective_batch_size=2"]
 
@@ -84,7 +85,10 @@ def test_data_and_checkpoint(run):
     generated = read_jsonl(out / "data" / "generated" / "train.jsonl")
     mixed = read_jsonl(out / "data" / "train.jsonl")
     assert len(mixed) == len(generated) > 0
-    assert all(r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"] for r in mixed)
+    # chat samples end with the assistant; the leaves' documents and MC practice train as raw text
+    assert all(r["messages"][-1]["content"] and (r["messages"][-1]["role"] == "assistant") ==
+               (r["metadata"]["pipeline"] not in ("document", "multiple_choice")) for r in mixed)
+    assert {r["metadata"]["pipeline"] for r in mixed} >= {"document", "seed", "knowledge"}
     final = Path((out / "final_model.txt").read_text().strip())
     assert final.parent == out / "train" / "checkpoints" / "hf_format"
     assert (final / "config.json").exists() and list(final.glob("*.safetensors"))
@@ -98,7 +102,9 @@ def test_gguf_eval_and_chat(run):
     out, result = run
     assert (out / "model.gguf").read_bytes()[:4] == b"GGUF"
     mmlu = json.loads((out / "eval" / "mmlu.json").read_text())
-    assert mmlu["questions"] == 3 and 0 <= mmlu["overall"] <= 1 and 0 <= mmlu["base"]["overall"] <= 1
+    knowledge_leaves = {r["metadata"]["leaf"] for r in read_jsonl(out / "data" / "generated" / "train.jsonl")
+                        if r["metadata"]["leaf"].startswith("knowledge")}
+    assert mmlu["questions"] == 3 * len(knowledge_leaves) and 0 <= mmlu["overall"] <= 1 and 0 <= mmlu["base"]["overall"] <= 1
     mt_bench = json.loads((out / "eval" / "mt_bench.json").read_text())
     assert len(mt_bench["records"]) == 1 and len(mt_bench["base"]["records"]) == 1
     for png in ("eval/mmlu.png", "eval/mt_bench.png", "evaluation.png"):
@@ -153,7 +159,7 @@ def test_phased_training_carries_the_best_phase1_checkpoint(run, tmp_path, tiny_
                       "--only", "mix,tokenize,phase1,phase2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     knowledge = read_jsonl(tmp_path / "data" / "phase1.jsonl")
-    assert knowledge and all(r["metadata"]["pipeline"] == "knowledge" for r in knowledge)
+    assert knowledge and all(r["metadata"]["leaf"].startswith("knowledge/") for r in knowledge)
     phase1_evals = sorted(p.name for p in (tmp_path / "phase1" / "eval").glob("samples_*.json"))
     assert phase1_evals == ["samples_1.json", "samples_2.json"]
     best1 = Path((tmp_path / "phase1" / "best.txt").read_text().strip())
