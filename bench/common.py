@@ -8,6 +8,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,34 +58,39 @@ def run_train_py(overrides: list[str], metrics_file: Path, timeout_s: float, npr
     outside clock for its steps; stop_after > 0 kills the run once that many steps are logged (no final save)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    proc = subprocess.Popen([*launcher, "train.py", "--config", "", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty run can never block on a full pipe
+    proc = subprocess.Popen([*launcher, "train.py", "--config", "", *overrides], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     arrivals: list[float] = []
+    arrival_errors: list[float] = []  # each line appeared between the look before and the look that saw it
     deadline = time.monotonic() + timeout_s
-    last_poll, resolution = time.perf_counter(), 0.0  # the longest gap between looks: this clock's error bound
+    last_look = time.perf_counter()
     try:
         while proc.poll() is None and not (stop_after and len(arrivals) >= stop_after):
-            now = time.perf_counter()
-            resolution, last_poll = max(resolution, now - last_poll), now
             if time.monotonic() > deadline:
                 raise SystemExit(f"error: train.py ran past {timeout_s:.0f}s; lower the sizes or raise --timeout")
             if metrics_file.exists():
                 with open(metrics_file) as f:
                     lines = f.read().count("\n")  # complete lines only
-                arrivals += [time.perf_counter()] * (lines - len(arrivals))
+                now = time.perf_counter()
+                arrivals += [now] * (lines - len(arrivals))
+                arrival_errors += [now - last_look] * (lines - len(arrival_errors))
+            last_look = time.perf_counter()
             time.sleep(0.005)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
             proc.wait()
-    output = proc.stdout.read()
+    log.seek(0)
+    output = log.read()
+    log.close()
     if proc.returncode != 0 and not stop_after:
         raise SystemExit(f"error: train.py failed (exit {proc.returncode}):\n{output[-3000:]}")
     text = metrics_file.read_text() if metrics_file.exists() else ""
     rows = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
     if stop_after and len(rows) < stop_after:
         raise SystemExit(f"error: train.py stopped after {len(rows)} of {stop_after} steps:\n{output[-3000:]}")
-    return {"rows": rows, "arrivals": arrivals, "output": output, "clock_resolution_s": resolution}
+    return {"rows": rows, "arrivals": arrivals, "arrival_errors": arrival_errors, "output": output}
 
 
 def lognormal_lengths(n: int, median: float, sigma: float, low: int, high: int, seed: int) -> np.ndarray:

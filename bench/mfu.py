@@ -101,7 +101,8 @@ def train_py_run(name: str, overrides: dict, args, model_dir: Path, work: Path) 
     logged_s = sum(r["step_time_s"] for r in rows)
     result = {"name": name, "overrides": overrides, "tokens_per_s": tokens / outside_s,
               "logged_tokens_per_s": tokens / logged_s, "logged_vs_outside_step_time": logged_s / outside_s,
-              "outside_clock_error_bound": 2 * ran["clock_resolution_s"] / outside_s,
+              "outside_clock_error_bound": (ran["arrival_errors"][args.warmup - 1]
+                                            + ran["arrival_errors"][steps - 1]) / outside_s,
               "tflops_per_s": flops / outside_s / 1e12, "peak_memory_gb": max(r["peak_memory_gb"] for r in rows),
               "mfu": flops / outside_s / peak if peak else None,
               "logged_mfu": sum(r["mfu"] * r["step_time_s"] for r in rows) / logged_s if "mfu" in rows[0] else None}
