@@ -4,7 +4,7 @@
 
 The held-out file is what `python -m sdg generate` writes to test.jsonl: seed pairs split off by content hash
 before generation (sdg/heldout.py). Per knowledge leaf: multiple choice in lm-eval's MMLU format (distractors
-are other held-out answers of the leaf) and recall, the normalized answer found in a greedy free answer. Per
+are other held-out answers of the leaf), in letters and in lm-eval's continuation (cloze) form, and recall, the normalized answer found in a greedy free answer. Per
 skill: the mean per-token negative log-likelihood of the held-out reference answers (needs no judge). Every
 score carries its n and a 95% interval (Wilson for accuracies, bootstrap over samples for NLL).
 """
@@ -23,7 +23,8 @@ from config import EMBEDDED_MODEL, ConfigError, exit_on_error
 from eval import report
 from sdg.heldout import normalize
 
-METRICS = {"multiple choice": True, "recall": True, "answer NLL": False}  # higher is better?
+METRICS = {"multiple choice": True, "multiple choice (cloze)": True, "recall": True, "answer NLL": False}  # higher is better?
+MC_STYLES = {"multiple choice": "letters", "multiple choice (cloze)": "continuation"}  # eval.mmlu_tasks.STYLES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,8 +82,9 @@ def mc_rows(leaf: str, records: list[dict], seed: int) -> list[dict]:
     return rows
 
 
-def multiple_choice(model, tokenizer, rows_by_leaf: dict[str, list[dict]], batch_size: int) -> dict[str, dict]:
-    """lm-eval's MMLU template and scoring (eval.mmlu_tasks) on the held-out rows, zero-shot."""
+def multiple_choice(model, tokenizer, rows_by_leaf: dict[str, list[dict]], batch_size: int,
+                    style: str = "letters") -> dict[str, dict]:
+    """lm-eval's MMLU template of that style and its scoring (eval.mmlu_tasks) on the held-out rows, zero-shot."""
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -91,7 +93,7 @@ def multiple_choice(model, tokenizer, rows_by_leaf: dict[str, list[dict]], batch
 
     with tempfile.TemporaryDirectory(prefix="minilab-heldout-") as scratch:
         subjects = {rows[0]["subject"]: {"dev": [], "test": rows} for rows in rows_by_leaf.values()}
-        group, tasks = write_task_configs(subjects, scratch, 0)
+        group, tasks = write_task_configs(subjects, scratch, 0, style)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = evaluate(lm, [group], tasks, TaskManager(include_path=scratch, include_defaults=False),
                        SimpleNamespace(few_shots=0, limit=None), "")
@@ -151,11 +153,11 @@ def score_model(spec: str, leaves: dict[str, list[dict]], args) -> tuple[dict, d
     wanted = args.metrics.split(",")
     scores, replies = {}, {}
     knowledge = {leaf: recs for leaf, recs in leaves.items() if recs[0]["metadata"]["kind"] == "knowledge"}
-    if "multiple choice" in wanted:
-        rows = {leaf: r for leaf, recs in knowledge.items() if (r := mc_rows(leaf, recs, args.seed))}
-        if rows:
-            scores.update({(leaf, "multiple choice"): s for leaf, s in
-                           multiple_choice(model, tokenizer, rows, args.batch_size).items()})
+    rows = {leaf: r for leaf, recs in knowledge.items() if (r := mc_rows(leaf, recs, args.seed))}
+    for metric, style in MC_STYLES.items():
+        if metric in wanted and rows:  # the same rows in both styles: letters and each choice's own text
+            scores.update({(leaf, metric): s for leaf, s in
+                           multiple_choice(model, tokenizer, rows, args.batch_size, style).items()})
     for leaf, recs in leaves.items():
         if leaf in knowledge and "recall" in wanted:
             scores[(leaf, "recall")], replies[leaf] = recall(model, tokenizer, recs, args.max_new_tokens,

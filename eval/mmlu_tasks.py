@@ -22,11 +22,18 @@ TASK_PREFIX = "minilab_mmlu"
 COLUMNS = ("question", "choices", "answer")
 
 
-def lm_eval_mmlu_template() -> Path:
+# lm-eval's two MMLU formulations: letters (the published MMLU score) and continuation, where each choice's text is
+# scored after "Question: ...\nAnswer:" (the cloze form small models are reported in, as they cannot map letters yet)
+STYLES = {"letters": ("default", "_default_template_yaml", "multiple choice questions"),
+          "continuation": ("continuation", "_continuation_template_yaml", "questions")}
+
+
+def lm_eval_mmlu_template(style: str = "letters") -> Path:
     """The installed lm-eval MMLU template; our tasks `include` it so prompts and scoring match published MMLU."""
     import lm_eval
 
-    path = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default" / "_default_template_yaml"
+    folder, name, _ = STYLES[style]
+    path = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / folder / name
     if not path.exists():
         raise ConfigError(f"lm-eval's MMLU template is missing at {path}; reinstall lm-eval: pip install -U lm-eval")
     return path
@@ -119,9 +126,9 @@ def validate_row(raw, where: str, default_subject: str | None) -> dict:
     return {"question": question, "subject": subject.strip(), "choices": list(choices), "answer": answer}
 
 
-def description(subject: str) -> str:
-    """Same wording as lm-eval's generated MMLU subject configs."""
-    return f"The following are multiple choice questions (with answers) about {' '.join(subject.split('_'))}.\n\n"
+def description(subject: str, style: str = "letters") -> str:
+    """Same wording as lm-eval's generated MMLU subject configs of that style."""
+    return f"The following are {STYLES[style][2]} (with answers) about {' '.join(subject.split('_'))}.\n\n"
 
 
 def mmlu_prompt(subject: str, question: str, choices: list[str]) -> str:
@@ -135,11 +142,12 @@ def task_name(subject: str) -> str:
     return f"{TASK_PREFIX}_" + re.sub(r"[^a-z0-9]+", "_", subject.lower()).strip("_")
 
 
-def write_task_configs(subjects: dict[str, dict[str, list[dict]]], out_dir: str, few_shots: int) -> tuple[str, dict]:
+def write_task_configs(subjects: dict[str, dict[str, list[dict]]], out_dir: str, few_shots: int,
+                       style: str = "letters") -> tuple[str, dict]:
     """Write data + one lm-eval task YAML per subject + a group YAML; returns (group name, {task name: subject})."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    template = lm_eval_mmlu_template()
+    template = lm_eval_mmlu_template(style)
     tasks = {}
     for subject, splits in sorted(subjects.items()):
         if not splits["test"]:
@@ -164,7 +172,7 @@ def write_task_configs(subjects: dict[str, dict[str, list[dict]]], out_dir: str,
             "dataset_path": "json",
             "dataset_name": None,
             "dataset_kwargs": {"data_files": data_files},
-            "description": description(subject),
+            "description": description(subject, style),
         }
         if "dev" not in data_files:
             config["fewshot_split"] = None

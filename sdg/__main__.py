@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-tokens", type=int, default=256, help="tokens per generated answer (default 256)")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--chunk-words", type=int, default=180, help="knowledge document chunk size in words")
+    g.add_argument("--restatements", type=int, default=2,
+                   help="extra copies of each document chunk with its sentences reordered (0 = none)")
     g.add_argument("--system-prompt", default=None, help="system message for every sample (default: none)")
     g.add_argument("--prompts-dir", default=None, help="folder of edited prompt templates (default: sdg/prompts)")
     m = sub.add_parser("mix", help="combine messages datasets by sample counts or ratios")
@@ -53,6 +55,8 @@ def check_generate_args(args):
         raise ConfigError(f"--judge-threshold {args.judge_threshold}: use 1-5, or 0 to skip the judge")
     if not 0 < args.dedup_threshold <= 1:
         raise ConfigError(f"--dedup-threshold {args.dedup_threshold}: use a number in (0, 1], for example 0.9")
+    if args.restatements < 0:
+        raise ConfigError(f"--restatements {args.restatements}: use 0 or more (for example 2)")
     if args.max_tokens < 8 or args.chunk_words < 20:
         raise ConfigError("--max-tokens must be >= 8 and --chunk-words >= 20")
 
@@ -76,7 +80,8 @@ def run_generate(args):
     leaves = load_taxonomy(args.taxonomy)
     settings = Settings(num_instructions=args.num_instructions, judge_threshold=args.judge_threshold,
                         dedup_threshold=args.dedup_threshold, max_tokens=args.max_tokens, temperature=args.temperature,
-                        chunk_words=args.chunk_words, system_prompt=args.system_prompt)
+                        chunk_words=args.chunk_words, restatements=args.restatements,
+                        system_prompt=args.system_prompt)
     output_dir = Path(args.output_dir)
     prompts_dir = Path(args.prompts_dir) if args.prompts_dir else PROMPTS_DIR
     with teacher_endpoint(args.endpoint) as endpoint:

@@ -1,6 +1,7 @@
 """Learning you can see: validation loss, the held-out split, held-out scores with intervals, the summary."""
 import json
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -150,7 +151,8 @@ def test_heldout_eval_and_summary_report_n_and_intervals(tmp_path, tokenizer, mo
     result = heldout.main(["--heldout", str(tmp_path / "test.jsonl"), "--model", model, "--base-model", model,
                            "--max-new-tokens", "4", "--output", str(tmp_path / "eval" / "heldout.json")])
     metrics_seen = {(r["leaf"].rsplit("/", 1)[-1], r["metric"]) for r in result["results"]}
-    assert ("marrowick", "multiple choice") in metrics_seen and ("marrowick", "recall") in metrics_seen
+    assert {("marrowick", "multiple choice"), ("marrowick", "multiple choice (cloze)"),
+            ("marrowick", "recall")} <= metrics_seen
     assert ("thank_you_notes", "answer NLL") in metrics_seen
     for r in result["results"]:
         assert r["base"] == r["trained"] and r["verdict"] == "no clear change"  # the same model twice
@@ -185,3 +187,57 @@ def test_training_choice_format_is_what_lm_eval_scores(tmp_path):
     choice = [r["messages"][0]["content"] for r in samples if r["metadata"]["pipeline"] == "multiple_choice"]
     assert len(choice) == counts["multiple_choice"] == counts["seed_pairs"]
     assert choice[0].startswith(mmlu_prompt(row["subject"], "", [])[:60]) and choice[0][-2:] in (" A", " B", " C", " D")
+
+
+def test_restated_chunks_keep_every_sentence_and_only_reorder():
+    import re
+
+    from sdg.generate import chunk_document, restated_chunks
+    leaf = next(leaf for leaf in load_taxonomy(SAMPLE) if leaf.name.endswith("marrowick"))
+    chunks = chunk_document(leaf.documents[0].read_text(), Settings().chunk_words)
+    for i, chunk in enumerate(chunks):
+        copies = restated_chunks(chunk, 2, f"leaf:{i}")
+        assert copies == restated_chunks(chunk, 2, f"leaf:{i}") and len(copies) == 2  # seeded: reruns agree
+        assert all(copy != chunk for copy in copies) and copies[0] != copies[1]
+        for copy in copies:
+            original, restated = chunk.split("\n\n"), copy.split("\n\n")
+            assert len(original) == len(restated)
+            for a, b in zip(original, restated):  # headings in place; each paragraph the same whole sentences
+                assert sorted(a.split()) == sorted(b.split())
+                assert all(sentence in b for sentence in re.split(r"(?<=[.!?]) ", " ".join(a.split())))
+    samples, counts = taxonomy_samples(split_leaf(leaf)[0], Settings(restatements=2))
+    restated = [r for r in samples if r["metadata"]["pipeline"] == "restated_document"]
+    assert len(restated) == counts["restated_chunks"] == 2 * counts["document_chunks"] == 2 * len(chunks)
+    without = taxonomy_samples(split_leaf(leaf)[0], Settings(restatements=0))[1]
+    assert without["restated_chunks"] == 0 and counts - Counter(restated_chunks=2 * len(chunks)) == without
+
+
+def test_cloze_multiple_choice_is_the_models_own_choice_likelihood(tmp_path, tokenizer, monkeypatch):
+    """lm-eval's continuation form on the held-out rows picks, for each question, the choice whose text the model
+    itself finds most likely after lm-eval's prompt: checked against a separate forward pass per choice."""
+    import os
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    from transformers import AutoModelForCausalLM
+
+    from eval import heldout
+    from eval.mmlu_tasks import description
+    model_dir = build_tiny_model(tokenizer, tmp_path / "tiny")
+    leaf = next(leaf for leaf in load_taxonomy(SAMPLE) if leaf.name.endswith("marrowick"))
+    records = [heldout_record(p, leaf, Settings()) for p in split_leaf(leaf)[1]]
+    rows = heldout.mc_rows(leaf.name, records, 42)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    correct = 0
+    for row in rows:
+        prompt = tokenizer(description(row["subject"], "continuation") + f"Question: {row['question']}\nAnswer:")
+        scores = []
+        for choice in row["choices"]:
+            ids = prompt["input_ids"] + tokenizer(" " + choice)["input_ids"]
+            with torch.no_grad():
+                logprobs = model(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+            n = len(prompt["input_ids"])
+            scores.append(logprobs[n - 1:].gather(1, torch.tensor(ids[n:])[:, None]).sum().item())
+        correct += int(np.argmax(scores)) == row["answer"]
+    got = heldout.multiple_choice(model, tokenizer, {leaf.name: rows}, 4, "continuation")[leaf.name]
+    assert got["n"] == len(rows) >= 20 and got["correct"] == correct
+    letters = heldout.multiple_choice(model, tokenizer, {leaf.name: rows}, 4, "letters")[leaf.name]
+    assert letters["n"] == len(rows)  # the same rows, scored by letter

@@ -270,7 +270,8 @@ def check_sample(row, leaves):
     assert message_problem(row) is None
     parse_line(json.dumps(row).encode())  # what the trainer's tokenizer step accepts
     assert row["metadata"]["leaf"] in leaves
-    if row["metadata"]["pipeline"] in ("document", "multiple_choice"):  # raw text: a document chunk, a 4-choice seed
+    if row["metadata"]["pipeline"] in ("document", "restated_document", "multiple_choice"):  # raw text: a document
+        # chunk (as written or restated), a 4-choice seed
         assert [m["role"] for m in row["messages"]] == ["pretraining"]
     else:
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
@@ -300,13 +301,14 @@ def test_generate_counts_are_consistent_and_output_valid(generated):
         assert dedup["input"] == judge["kept"]
         assert dedup["kept"] == dedup["input"] - dedup["exact_duplicates"] - dedup["near_duplicates"] \
             - dedup["held_out_questions"]
-        own = sum(stages["taxonomy"].get(k, 0) for k in ("seed_pairs", "document_chunks", "multiple_choice"))
+        own = sum(stages["taxonomy"].get(k, 0) for k in ("seed_pairs", "document_chunks", "restated_chunks",
+                                                          "multiple_choice"))
         assert sum(row["metadata"]["leaf"] == name for row in train) == dedup["kept"] + own == leaf_stats["samples"]
     assert stats["requests"].get("sent", 0) == sent and stats["requests"].get("cached", 0) == 0
     assert len(cache_ids(out)) == len(set(cache_ids(out))) == sent
     for row in train:
         check_sample(row, leaves)
-        assert row["metadata"]["pipeline"] in ("seed", "document", "multiple_choice", {"knowledge": "knowledge"}.get(
+        assert row["metadata"]["pipeline"] in ("seed", "document", "restated_document", "multiple_choice", {"knowledge": "knowledge"}.get(
             leaves[row["metadata"]["leaf"]].kind, "grounded_skills" if leaves[row["metadata"]["leaf"]].grounded else "skills"))
     users = [normalize(row["messages"][0]["content"]) for row in train
              if row["metadata"]["pipeline"] not in ("seed", "multiple_choice")]
