@@ -132,7 +132,7 @@ def split(args) -> None:
     records = read_jsonl(args.train_jsonl)
     def is_knowledge(r):  # generated pairs, document chunks and seed pairs of knowledge leaves
         meta = r.get("metadata", {})
-        return (meta.get("pipeline") in ("knowledge", "document", "restated_document")
+        return (meta.get("pipeline") in ("knowledge", "document", "restated_context")
                 or str(meta.get("leaf", "")).startswith("knowledge/"))
     knowledge = [r for r in records if is_knowledge(r)]
     skills = [r for r in records if not is_knowledge(r)]

@@ -27,6 +27,9 @@ PROMPT_NAMES = ("single-v1", "single-math-v1", "single-v1-multi-turn", "single-m
 REFERENCE_CATEGORIES = ("math", "reasoning", "coding")  # graded against a reference answer, as in MT-Bench
 RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 RATING_SINGLE_BRACKETS = re.compile(r"\[\s*(\d+(?:\.\d+)?)\s*\]")  # FastChat's fallback for judges that drop one
+# what comes just before a rating that only repeats the prompt's example (ours, and FastChat's 'for example:
+# "Rating: [[5]]"')
+ECHOED_EXAMPLE = re.compile(r"(?:example|e\.g\.|form)\W{0,4}(?:rating\W{0,4})?$", re.I)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,10 +130,14 @@ def load_judge_prompts(path: str | None) -> dict[str, dict]:
 
 
 def parse_rating(judgment: str) -> float | None:
-    """The first [[N]] (else [N]) with 1 <= N <= 10; None when the judge gave none (counted as unparsable)."""
-    match = RATING.search(judgment or "") or RATING_SINGLE_BRACKETS.search(judgment or "")
-    if match and 1 <= float(match.group(1)) <= 10:
-        return float(match.group(1))
+    """The verdict: the last [[N]] (else the last [N]) that is not the instructions' example echoed back ("... in
+    this form: [[N]], for example [[6]]"); None when it is missing or outside 1-10 (counted as unparsable)."""
+    text = judgment or ""
+    for pattern in (RATING, RATING_SINGLE_BRACKETS):
+        verdicts = [m for m in pattern.finditer(text) if not ECHOED_EXAMPLE.search(text[max(0, m.start() - 30):m.start()])]
+        if verdicts:
+            rating = float(verdicts[-1].group(1))
+            return rating if 1 <= rating <= 10 else None
     return None
 
 

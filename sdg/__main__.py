@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--chunk-words", type=int, default=180, help="knowledge document chunk size in words")
     g.add_argument("--restatements", type=int, default=2,
-                   help="extra copies of each document chunk with its sentences reordered (0 = none)")
+                   help="extra copies of each knowledge context with its sentences reordered (0 = none)")
     g.add_argument("--system-prompt", default=None, help="system message for every sample (default: none)")
     g.add_argument("--prompts-dir", default=None, help="folder of edited prompt templates (default: sdg/prompts)")
     m = sub.add_parser("mix", help="combine messages datasets by sample counts or ratios")

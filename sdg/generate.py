@@ -38,7 +38,7 @@ class Settings:
     max_tokens: int = 256  # per answer / question-answer pair
     temperature: float = 0.7
     chunk_words: int = 180
-    restatements: int = 2  # extra copies of each document chunk, sentences reordered (restated_chunks)
+    restatements: int = 2  # extra copies of each knowledge seed's context, sentences reordered (restated)
     examples_per_prompt: int = 3
     system_prompt: str | None = None
     heldout_fraction: float = HELDOUT_FRACTION  # of each leaf's seed pairs, kept out of training for evaluation
@@ -208,34 +208,33 @@ def taxonomy_samples(leaf: Leaf, settings: Settings) -> tuple[list[dict], Counte
                            leaf, "seed", settings) for p in _training_pairs(leaf)]
     chunks = [c for path in leaf.documents for c in chunk_document(path.read_text(encoding="utf-8"),
                                                                    settings.chunk_words)]
-    restated = [r for i, c in enumerate(chunks) for r in restated_chunks(c, settings.restatements, f"{leaf.name}:{i}")]
+    contexts = [seed["context"] for seed in leaf.data["seed_examples"]] if leaf.kind == "knowledge" else []
+    restated = [r for i, c in enumerate(contexts) for r in restate(c, settings.restatements, f"{leaf.name}:{i}")]
     seeds = len(samples)
     samples += [{"messages": [{"role": "pretraining", "content": c}], "metadata": {"leaf": leaf.name,
                                                                                  "pipeline": pipeline}}
-                for texts, pipeline in ((chunks, "document"), (restated, "restated_document")) for c in texts]
+                for texts, pipeline in ((chunks, "document"), (restated, "restated_context")) for c in texts]
     choice = multiple_choice_samples(leaf) if leaf.kind == "knowledge" else []
-    return samples + choice, Counter(seed_pairs=seeds, document_chunks=len(chunks), restated_chunks=len(restated),
+    return samples + choice, Counter(seed_pairs=seeds, document_chunks=len(chunks), restated_contexts=len(restated),
                                      multiple_choice=len(choice))
 
 
-def restated_chunks(chunk: str, count: int, seed: str) -> list[str]:
-    """`count` copies of a chunk, each paragraph's sentences in another seeded order (headings stay first). The same
-    facts in new places and neighbours: trained on the document alone, a small model learns to continue the
-    passage; restated, it learns the facts well enough to answer questions about them, as the permutation
-    augmentation of Allen-Zhu and Li (Physics of Language Models 3.1) showed. Measured in README "Learning you
-    can see": held-out cloze multiple choice 16/28 without, 23/28 with 2 restatements."""
-    copies = []
-    for k in range(count):
-        rng = random.Random(f"{seed}:restated:{k}")
-        paragraphs = []
-        for paragraph in chunk.split("\n\n"):
-            if paragraph.startswith("#"):
-                paragraphs.append(paragraph)
-                continue
-            sentences = re.split(r"(?<=[.!?])\s+", " ".join(paragraph.split()))
-            rng.shuffle(sentences)
-            paragraphs.append(" ".join(sentences))
-        copies.append("\n\n".join(paragraphs))
+def restate(text: str, count: int, seed: str) -> list[str]:
+    """`count` copies of a passage (a seed's context, an excerpt of the documents), each with its sentences in
+    another seeded order. The same facts in new places and neighbours: trained on the documents as written, a
+    small model learns to continue them; restated, it learns the facts well enough to answer questions about
+    them, as the permutation augmentation of Allen-Zhu and Li (Physics of Language Models 3.1) showed. Measured in
+    README "Learning you can see"."""
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    rng = random.Random(f"{seed}:restated")
+    seen, copies = {tuple(range(len(sentences)))}, []
+    for _ in range(count):  # each copy a new order: fewer copies when a passage has too few sentences for them
+        order = next((o for o in (tuple(rng.sample(range(len(sentences)), len(sentences))) for _ in range(100))
+                      if o not in seen), None)
+        if order is None:
+            break
+        seen.add(order)
+        copies.append(" ".join(sentences[i] for i in order))
     return copies
 
 

@@ -16,6 +16,8 @@ ANSWER_LABEL = re.compile(_LABEL.format(names="answer|a|response"))
 CONTEXT_LABEL = re.compile(_LABEL.format(names="context|passage|notes|text"))
 _BULLET = re.compile(r"^\s*(?:[-*•>]|\d+\s*[.):]|#+)\s*")
 _CHAT_TOKENS = re.compile(r"<\|[^|>]*\|>|</?s>")
+_STATED_SCORE = re.compile(r"\bscore\s*[:=]?\s*\**\s*(\d+)(?![\d.]\d)", re.I)
+_ECHOED_RANGE = re.compile(r"\bfrom\s+\d+\s*(?:\([^)]*\))?\s*to\s+\d+", re.I)
 
 
 def _tidy(text: str) -> str:
@@ -78,8 +80,13 @@ def parse_qa_pair(text: str) -> tuple[str, str] | None:
 
 
 def parse_score(text: str, low: int = 1, high: int = 5) -> int | None:
-    """The first whole number in range: '4', 'Score: 4/5', 'I rate it **5**.'"""
-    for match in re.finditer(r"(?<![\d.])\d+(?![\d.]\d)", _CHAT_TOKENS.sub("", text)):
+    """The judge's score: the last 'Score: N' in range, else the first whole number in range once an echo of the
+    instruction's range ('from 1 (useless) to 5') is taken out: '4', 'I rate it **5**.', '2 out of 5'."""
+    text = _CHAT_TOKENS.sub("", text)
+    stated = [int(m.group(1)) for m in _STATED_SCORE.finditer(text) if low <= int(m.group(1)) <= high]
+    if stated:
+        return stated[-1]
+    for match in re.finditer(r"(?<![\d.])\d+(?![\d.]\d)", _ECHOED_RANGE.sub(" ", text)):
         value = int(match.group())
         if low <= value <= high:
             return value

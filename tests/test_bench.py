@@ -96,3 +96,18 @@ def test_train_py_flops_match_the_mfu_bench_formula_for_tied_and_untied_heads():
         shape = {**SHAPES["tiny"], "vocab_size": 500, "tie_word_embeddings": tied}
         lm = LlamaForCausalLM(LlamaConfig(**shape))
         assert train.model_flops(lm, lengths) == shape_flops(shape, lengths), tied
+
+
+@pytest.mark.slow
+def test_learning_bench_trains_the_leaf_alone_and_scores_what_it_held_out(tmp_path, tiny_model_dir):
+    out = run_bench("learning.py", "--leaf", "vorlund_instruments", "--taxonomy", str(ROOT / "bench" / "user_taxonomy"),
+                    "--model", tiny_model_dir, "--set", "max_steps=2", "--set", "max_seq_len=256",
+                    "--json", str(tmp_path / "l.json"))
+    result = json.loads((tmp_path / "l.json").read_text())
+    counts = result["samples"]
+    assert counts["restated_contexts"] == 2 * 8 and counts["seed_pairs"] == 26  # 8 contexts, 2 restatements each
+    assert result["steps"] == 2 and set(result["scores"]) == {"multiple choice", "multiple choice (cloze)", "recall"}
+    for metric, s in result["scores"].items():
+        assert s["base"]["n"] == s["trained"]["n"] == 26  # half of the leaf's 52 seed pairs
+        assert re.search(rf"^{re.escape(metric)} +base {s['base']['correct']}/26 ", out, re.M)
+    assert len(result["replies"]["knowledge/technology/vorlund_instruments"]) == 26

@@ -273,10 +273,15 @@ def test_parse_rating():
     from eval.mt_bench import parse_rating
 
     assert parse_rating("Clear and correct. Rating: [[8]]") == 8.0
-    assert parse_rating("[[ 7.5 ]] then [[2]]") == 7.5
+    assert parse_rating("[[ 7.5 ]] then, on reflection, [[2]]") == 2.0  # the last verdict counts
     assert parse_rating("Rating: 8/10") is None
     assert parse_rating("I would rate it [6].") == 6.0 and parse_rating("[[4]] not [9]") == 4.0
     assert parse_rating("[[11]]") is None and parse_rating("[[0]]") is None and parse_rating("") is None
+    # a judge echoing its instructions gives no score; one that echoes and then judges gives its own
+    echo = "Rate the response on a scale of 1 to 10 in exactly this form: [[N]], for example [[6]]."
+    assert parse_rating(echo) is None and parse_rating("e.g. [[6]]") is None
+    assert parse_rating('strictly following this format: "[[rating]]", for example: "Rating: [[5]]".') is None
+    assert parse_rating(echo + " The answer is wrong. Rating: [[2]]") == 2.0
 
 
 @pytest.mark.slow

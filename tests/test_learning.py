@@ -189,27 +189,29 @@ def test_training_choice_format_is_what_lm_eval_scores(tmp_path):
     assert choice[0].startswith(mmlu_prompt(row["subject"], "", [])[:60]) and choice[0][-2:] in (" A", " B", " C", " D")
 
 
-def test_restated_chunks_keep_every_sentence_and_only_reorder():
+def test_restated_contexts_keep_every_sentence_and_only_reorder():
     import re
 
-    from sdg.generate import chunk_document, restated_chunks
+    from sdg.generate import restate
     leaf = next(leaf for leaf in load_taxonomy(SAMPLE) if leaf.name.endswith("marrowick"))
-    chunks = chunk_document(leaf.documents[0].read_text(), Settings().chunk_words)
-    for i, chunk in enumerate(chunks):
-        copies = restated_chunks(chunk, 2, f"leaf:{i}")
-        assert copies == restated_chunks(chunk, 2, f"leaf:{i}") and len(copies) == 2  # seeded: reruns agree
-        assert all(copy != chunk for copy in copies) and copies[0] != copies[1]
-        for copy in copies:
-            original, restated = chunk.split("\n\n"), copy.split("\n\n")
-            assert len(original) == len(restated)
-            for a, b in zip(original, restated):  # headings in place; each paragraph the same whole sentences
-                assert sorted(a.split()) == sorted(b.split())
-                assert all(sentence in b for sentence in re.split(r"(?<=[.!?]) ", " ".join(a.split())))
-    samples, counts = taxonomy_samples(split_leaf(leaf)[0], Settings(restatements=2))
-    restated = [r for r in samples if r["metadata"]["pipeline"] == "restated_document"]
-    assert len(restated) == counts["restated_chunks"] == 2 * counts["document_chunks"] == 2 * len(chunks)
-    without = taxonomy_samples(split_leaf(leaf)[0], Settings(restatements=0))[1]
-    assert without["restated_chunks"] == 0 and counts - Counter(restated_chunks=2 * len(chunks)) == without
+    training = split_leaf(leaf)[0]
+    contexts = [seed["context"] for seed in training.data["seed_examples"]]
+    for i, context in enumerate(contexts):
+        copies = restate(context, 2, f"leaf:{i}")
+        assert copies == restate(context, 2, f"leaf:{i}") and len(copies) == 2  # seeded: reruns agree
+        written = " ".join(context.split())
+        assert all(copy != written for copy in copies) and copies[0] != copies[1]
+        for copy in copies:  # the same whole sentences, nothing else
+            assert sorted(copy.split()) == sorted(written.split())
+            assert all(sentence in copy for sentence in re.split(r"(?<=[.!?]) ", written))
+    samples, counts = taxonomy_samples(training, Settings(restatements=2))
+    texts = [r["messages"][0]["content"] for r in samples if r["metadata"]["pipeline"] == "restated_context"]
+    assert len(texts) == counts["restated_contexts"] == 2 * len(contexts) == 16
+    assert all(r["messages"][0]["role"] == "pretraining" for r in samples if r["metadata"]["pipeline"] == "restated_context")
+    without = taxonomy_samples(training, Settings(restatements=0))[1]
+    assert without["restated_contexts"] == 0 and counts - Counter(restated_contexts=16) == without
+    held = " ".join(normalize(p["question"]) for p in split_leaf(leaf)[1])
+    assert not any(normalize(t) in held for t in texts)  # restated passages are document text, never a question
 
 
 def test_cloze_multiple_choice_is_the_models_own_choice_likelihood(tmp_path, tokenizer, monkeypatch):

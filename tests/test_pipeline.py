@@ -87,8 +87,8 @@ def test_data_and_checkpoint(run):
     assert len(mixed) == len(generated) > 0
     # chat samples end with the assistant; the leaves' documents and MC practice train as raw text
     assert all(r["messages"][-1]["content"] and (r["messages"][-1]["role"] == "assistant") ==
-               (r["metadata"]["pipeline"] not in ("document", "restated_document", "multiple_choice")) for r in mixed)
-    assert {r["metadata"]["pipeline"] for r in mixed} >= {"document", "restated_document", "seed", "knowledge"}
+               (r["metadata"]["pipeline"] not in ("document", "restated_context", "multiple_choice")) for r in mixed)
+    assert {r["metadata"]["pipeline"] for r in mixed} >= {"document", "restated_context", "seed", "knowledge"}
     final = Path((out / "final_model.txt").read_text().strip())
     assert final.parent == out / "train" / "checkpoints" / "hf_format"
     assert (final / "config.json").exists() and list(final.glob("*.safetensors"))

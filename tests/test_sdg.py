@@ -175,7 +175,12 @@ def test_parse_answers_pairs_scores_contexts():
     assert parse_context("Context: Ana will fix the login bug by Monday; Ben emails the vendor.\nQuestion: List items") == (
         "Ana will fix the login bug by Monday; Ben emails the vendor.")
     for reply, score in [("4", 4), ("Score: 4/5", 4), ("I rate it **5**.", 5), ("The answer gets 2 out of 5", 2),
-                         ("10", None), ("3.5", None), ("The answer is incorrect.", None)]:
+                         ("10", None), ("3.5", None), ("The answer is incorrect.", None),
+                         # a judge that echoes the instruction: its range is no score, its own verdict is
+                         ('Give a score from 1 (useless or wrong) to 5 (correct and helpful). Reply in the form '
+                          '"Score: N".', None),
+                         ("Give a score from 1 (useless or wrong) to 5 (correct and helpful).\nScore: 4", 4),
+                         ("from 1 to 5, I would say 3", 3), ("Score: 2. On reflection, Score: 5", 5)]:
         assert parse_score(reply) == score, reply
 
 
@@ -270,8 +275,8 @@ def check_sample(row, leaves):
     assert message_problem(row) is None
     parse_line(json.dumps(row).encode())  # what the trainer's tokenizer step accepts
     assert row["metadata"]["leaf"] in leaves
-    if row["metadata"]["pipeline"] in ("document", "restated_document", "multiple_choice"):  # raw text: a document
-        # chunk (as written or restated), a 4-choice seed
+    if row["metadata"]["pipeline"] in ("document", "restated_context", "multiple_choice"):  # raw text: a document
+        # chunk, a restated context, a 4-choice seed
         assert [m["role"] for m in row["messages"]] == ["pretraining"]
     else:
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
@@ -301,14 +306,14 @@ def test_generate_counts_are_consistent_and_output_valid(generated):
         assert dedup["input"] == judge["kept"]
         assert dedup["kept"] == dedup["input"] - dedup["exact_duplicates"] - dedup["near_duplicates"] \
             - dedup["held_out_questions"]
-        own = sum(stages["taxonomy"].get(k, 0) for k in ("seed_pairs", "document_chunks", "restated_chunks",
+        own = sum(stages["taxonomy"].get(k, 0) for k in ("seed_pairs", "document_chunks", "restated_contexts",
                                                           "multiple_choice"))
         assert sum(row["metadata"]["leaf"] == name for row in train) == dedup["kept"] + own == leaf_stats["samples"]
     assert stats["requests"].get("sent", 0) == sent and stats["requests"].get("cached", 0) == 0
     assert len(cache_ids(out)) == len(set(cache_ids(out))) == sent
     for row in train:
         check_sample(row, leaves)
-        assert row["metadata"]["pipeline"] in ("seed", "document", "restated_document", "multiple_choice", {"knowledge": "knowledge"}.get(
+        assert row["metadata"]["pipeline"] in ("seed", "document", "restated_context", "multiple_choice", {"knowledge": "knowledge"}.get(
             leaves[row["metadata"]["leaf"]].kind, "grounded_skills" if leaves[row["metadata"]["leaf"]].grounded else "skills"))
     users = [normalize(row["messages"][0]["content"]) for row in train
              if row["metadata"]["pipeline"] not in ("seed", "multiple_choice")]
