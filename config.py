@@ -91,6 +91,12 @@ class Config:
     num_proc: int = 2  # tokenization worker processes
     resume: str = "auto"  # auto (newest complete full state in ckpt_output_dir), a PATH, or false
     tensorboard: bool = False  # also write TensorBoard events under ckpt_output_dir/tensorboard
+    wandb_project: str | None = None  # W&B project to log steps to (off when empty; WANDB_MODE=offline works)
+    wandb_run_name: str | None = None  # W&B run name; default: W&B's own
+    wandb_entity: str | None = None  # W&B team or user; default: the API key's
+    mlflow_tracking_uri: str | None = None  # MLflow store (file:PATH, sqlite:///F.db, http://...); off when empty
+    mlflow_experiment_name: str | None = None  # MLflow experiment; also turns MLflow on (MLFLOW_TRACKING_URI's store)
+    mlflow_run_name: str | None = None  # MLflow run name; default: MLflow's own
     profile: str | None = None  # cpu, single-gpu, multi-gpu, or auto (from the hardware); see profiles/
 
 
@@ -268,6 +274,16 @@ def check_combinations(cfg: Config) -> list[str]:
         problems.append("save_best_val_loss needs held-out samples: set validation_split, e.g. 0.1")
     if cfg.random_init and cfg.lora.rank > 0:
         problems.append("random_init with lora.rank > 0 would train adapters on a random base: set lora.rank=0")
+    trackers = (("wandb_project", "wandb", "wandb"), ("mlflow_tracking_uri", "mlflow", "mlflow-skinny"),
+                ("mlflow_experiment_name", "mlflow", "mlflow-skinny"))
+    for key, module, package in trackers:  # optional packages: a clear message instead of an ImportError mid-run
+        if getattr(cfg, key) and importlib.util.find_spec(module) is None:
+            problems.append(f"{key} needs the '{package}' package: pip install {package}")
+    mlflow_uri = cfg.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite"  # MLflow 3's default
+    if (cfg.mlflow_tracking_uri or cfg.mlflow_experiment_name) and mlflow_uri.startswith("sqlite") \
+            and importlib.util.find_spec("sqlalchemy") is None:
+        problems.append("MLflow's sqlite store (its default when no mlflow_tracking_uri is set) needs the full "
+                        "package: pip install mlflow, or set mlflow_tracking_uri=file:PATH (mlflow-skinny's store)")
     return problems
 
 

@@ -252,7 +252,9 @@ def train(cfg: Config) -> dict:
     resume_from = checkpoint.find_resume(cfg.resume, cfg.ckpt_output_dir)
     if resume_from:
         state = checkpoint.load_full_state(resume_from, model, optimizer, scheduler, state["fingerprint"])
-    log = MetricsLogger(cfg.ckpt_output_dir, total_steps, state["global_step"], rank == 0, cfg.tensorboard)
+    log = MetricsLogger(cfg.ckpt_output_dir, total_steps, state["global_step"], rank == 0, cfg.tensorboard, cfg,
+                        state.get("tracker_runs"))
+    state["tracker_runs"] = log.run_ids  # W&B and MLflow run ids (rank 0's are the ones saved)
     log.message(f"{world_size} process(es) on {device.type}, {torch.get_num_threads()} CPU thread(s) each, "
                 f"attention {attn}, backend {sharding.backend_for(cfg, world_size)}, {num_train} samples, "
                 f"{len(held_out)} held out, {total_steps} steps")
@@ -273,6 +275,7 @@ def train(cfg: Config) -> dict:
     def hf_name() -> str:
         return "last_epoch" if cfg.keep_last_checkpoint_only else f"samples_{state['samples_seen']}"
 
+    final = None  # the last HF checkpoint, once training has finished
     try:
         while state["epoch"] < cfg.num_epochs and state["global_step"] < total_steps:
             if train_idx is None:
@@ -322,8 +325,9 @@ def train(cfg: Config) -> dict:
                     save(hf_name())
         if state.get("saved_step") != state["global_step"]:
             save(hf_name())
+        final = str(Path(cfg.ckpt_output_dir) / "hf_format" / hf_name())
     finally:
-        log.close()
+        log.close(final)
     return state
 
 
