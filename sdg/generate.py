@@ -203,7 +203,8 @@ def heldout_record(pair: dict, leaf: Leaf, settings: Settings) -> dict:
 
 def taxonomy_samples(leaf: Leaf, settings: Settings) -> tuple[list[dict], Counter]:
     """What the taxonomy itself teaches, whatever the teacher does: the training seed pairs, and for knowledge
-    the documents chunked as raw text (role pretraining, every token trained: continual pretraining)."""
+    the documents chunked as raw text (role pretraining, every token trained: continual pretraining), each seed
+    context restated (`restate`) and the training pairs as 4-choice practice."""
     samples = [to_messages(p["question"], p["answer"], p.get("context") if leaf.kind == "skill" else None,
                            leaf, "seed", settings) for p in _training_pairs(leaf)]
     chunks = [c for path in leaf.documents for c in chunk_document(path.read_text(encoding="utf-8"),
