@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from config import Config, ConfigError, load_config
+from eval.report import write_atomic
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 # InstructLab TrainingArgs names that differ from ours
@@ -81,7 +82,7 @@ def run_training(config: Config | dict, nproc_per_node: int | str = 1, nnodes: i
     out_dir = Path(cfg.ckpt_output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_file = out_dir / "launch_config.yaml"
-    config_file.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    write_atomic(str(config_file), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
     if nnodes == 1 and master_addr is None:
         cmd.append("--standalone")
