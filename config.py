@@ -72,7 +72,7 @@ class Config:
     dtype: str = "auto"  # auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16
     activation_checkpointing: str = "none"  # none, full (recompute each layer) or selective (not matmuls)
     torch_compile: bool = False  # compile each decoder layer with torch.compile (first steps are slower)
-    num_threads: int = 0  # CPU threads per process; 0 = the cores divided among this node's processes
+    num_threads: int = 0  # CPU threads per process; 0 = cores / local processes, or a lone process's OMP_NUM_THREADS
     disable_flash_attn: bool = False  # attention per sample with torch sdpa even where flash-attn is installed
     save_samples: int = 0  # 0 = no mid-epoch HF checkpoints
     checkpoint_at_epoch: bool = True  # an HF checkpoint at every epoch end

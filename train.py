@@ -45,9 +45,12 @@ class TrainingError(Exception):
 def setup_distributed(num_threads: int = 0, timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
     """Rank, world size and device; a process group whenever torchrun started us, one process included.
     CPU threads: torchrun pins every process to one, so share the cores instead (more threads than cores slows
-    every process down)."""
+    every process down). A single process keeps a set OMP_NUM_THREADS: torchrun sets it only for several."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(num_threads or max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    user_threads = os.environ.get("OMP_NUM_THREADS", "") if local_processes == 1 else ""
+    torch.set_num_threads(num_threads or (int(user_threads) if user_threads.isdigit() and int(user_threads) > 0
+                                          else max(1, cores // local_processes)))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

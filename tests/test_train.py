@@ -26,8 +26,8 @@ def base_args(tiny_model_dir, dataset, out_dir, **extra):
     return [f"{k}={v}" for k, v in args.items()]
 
 
-def run_train(args, nproc=1, check=True, **popen):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def run_train(args, nproc=1, check=True, omp_threads="1", **popen):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": omp_threads}
     if nproc == 1:
         cmd = [sys.executable, "train.py", "--config", "", *args]
     else:
@@ -65,13 +65,15 @@ def assert_same_weights(a, b, atol=1e-6):
 
 def test_one_step_same_for_one_rank_two_ranks_and_accumulation(tmp_path, tiny_model_dir, dataset):
     one = tmp_path / "one"
-    run_train(base_args(tiny_model_dir, dataset, one, max_steps=1))
+    one_run = run_train(base_args(tiny_model_dir, dataset, one, max_steps=1), omp_threads="3")
     accum = tmp_path / "accum"  # budget of 300 tokens forces several micro-steps
-    accum_run = run_train(base_args(tiny_model_dir, dataset, accum, max_steps=1, max_batch_len=300, num_threads=1))
+    accum_run = run_train(base_args(tiny_model_dir, dataset, accum, max_steps=1, max_batch_len=300, num_threads=1),
+                          omp_threads="3")
     two = tmp_path / "two"
     two_run = run_train(base_args(tiny_model_dir, dataset, two, max_steps=1, max_batch_len=300), nproc=2)
     cores = len(os.sched_getaffinity(0))
-    assert "1 process(es) on cpu, 1 CPU thread(s) each, attention sdpa_varlen" in accum_run.stdout  # num_threads
+    assert "1 process(es) on cpu, 3 CPU thread(s) each" in one_run.stdout  # a lone process keeps OMP_NUM_THREADS
+    assert "1 process(es) on cpu, 1 CPU thread(s) each, attention sdpa_varlen" in accum_run.stdout  # num_threads wins
     assert f"2 process(es) on cpu, {max(1, cores // 2)} CPU thread(s) each" in two_run.stdout  # cores shared
     m1, ma, m2 = metrics(one)[1], metrics(accum)[1], metrics(two)[1]
     assert m1["num_tokens"] == ma["num_tokens"] == m2["num_tokens"]
