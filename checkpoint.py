@@ -2,7 +2,8 @@
 
     ckpt_output_dir/hf_format/samples_N/    safetensors, config, tokenizer, chat template (+ adapter/ for LoRA)
     ckpt_output_dir/full_state/step_N/      model + optimizer (torch distributed checkpoint, sharded per rank),
-                                            per-rank RNG, trainer_state.json; COMPLETE is written last
+                                            per-rank RNG, trainer_state.json (its arrays, such as
+                                            per-sample statistics, as NAME.npy); COMPLETE is written last
 Everything is written under a temp name and renamed, so a save killed half-way never looks complete.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -25,7 +27,7 @@ from config import ConfigError
 
 # Keys whose change makes a saved state meaningless for this run.
 FINGERPRINT_KEYS = ("model_path", "max_seq_len", "effective_batch_size", "random_seed", "mock_data", "lora",
-                    "distributed_backend", "validation_split")
+                    "distributed_backend", "validation_split", "sampler", "optimizer")
 KEEP_FULL_STATES = 2
 MARKER = "COMPLETE"
 HOOK_POINTS = ("after_step", "inside_save", "after_request")
@@ -198,7 +200,11 @@ def save_full_state(model, optimizer, scheduler, out_dir: str, trainer_state: di
     torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "scheduler": scheduler.state_dict()}))
+        arrays = {k: v for k, v in trainer_state.items() if isinstance(v, np.ndarray)}  # per-sample statistics
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array)
+        plain = {k: v for k, v in trainer_state.items() if k not in arrays}
+        (tmp / "trainer_state.json").write_text(json.dumps({**plain, "scheduler": scheduler.state_dict()}))
         (tmp / MARKER).write_text("ok")
         fault_point("inside_save", trainer_state["global_step"])
         _replace_dir(tmp, final)
@@ -228,7 +234,7 @@ def find_resume(resume, out_dir: str) -> Path | None:
 
 def load_full_state(path: Path, model, optimizer, scheduler, expected_fingerprint: dict) -> dict:
     state = json.loads((path / "trainer_state.json").read_text())
-    saved = state.get("fingerprint", {})
+    saved = {"optimizer": "adamw", "sampler": "multipack", **state.get("fingerprint", {})}  # saved before the keys
     differ = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in expected_fingerprint.items() if saved.get(k) != v]
     if differ:
         raise ConfigError(f"cannot resume from {path}: " + "; ".join(differ) +
@@ -241,6 +247,7 @@ def load_full_state(path: Path, model, optimizer, scheduler, expected_fingerprin
         dcp.load(sd, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     scheduler.load_state_dict(state.pop("scheduler"))
+    state.update({f.stem: np.load(f) for f in path.glob("*.npy")})
     rng_file = path / f"rng_rank{_rank()}.pt"
     if rng_file.exists():  # absent when resuming on more ranks than saved
         set_rng_state(torch.load(rng_file, weights_only=True))

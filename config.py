@@ -59,10 +59,12 @@ class Config:
     chat_tmpl_path: str | None = None  # Jinja chat template file; default: the tokenizer's own
     max_seq_len: int = 512  # longer samples are dropped at tokenization, never truncated
     max_batch_len: int = 2048  # tokens per rank per micro-step
+    sampler: str = "multipack"  # multipack, or loss_weighted: draws by last loss per token (recipes.py)
     num_epochs: int = 1  # passes over the data
     max_steps: int = 0  # > 0 stops after this many optimizer steps
     effective_batch_size: int = 16  # samples per optimizer step, across all ranks
-    learning_rate: float = 2e-5  # peak learning rate of AdamW
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the decoder layers' matrices, AdamW for the rest
+    learning_rate: float = 2e-5  # peak learning rate of AdamW (and of Muon, whose updates match AdamW's RMS)
     lr_scheduler: str = "cosine"  # constant, linear or cosine decay after warmup
     warmup_steps: int = 0  # optimizer steps of linear warmup from 0
     weight_decay: float = 0.0  # AdamW decay on matrices (not on norms and biases)
@@ -91,6 +93,7 @@ class Config:
     num_proc: int = 2  # tokenization worker processes
     resume: str = "auto"  # auto (newest complete full state in ckpt_output_dir), a PATH, or false
     tensorboard: bool = False  # also write TensorBoard events under ckpt_output_dir/tensorboard
+    log_grad_noise_scale: bool = False  # log the gradient noise scale per step (recipes.py; 2+ processes, fsdp)
     wandb_project: str | None = None  # W&B project to log steps to (off when empty; WANDB_MODE=offline works)
     wandb_run_name: str | None = None  # W&B run name; default: W&B's own
     wandb_entity: str | None = None  # W&B team or user; default: the API key's
@@ -101,8 +104,10 @@ class Config:
 
 
 CHOICES = {
+    "optimizer": ("adamw", "muon"),
     "lr_scheduler": ("constant", "linear", "cosine"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "sampler": ("multipack", "loss_weighted"),
     "activation_checkpointing": ("none", "full", "selective"),
     "distributed_backend": ("fsdp", "deepspeed", "none"),
     "fsdp_options.sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
@@ -272,6 +277,9 @@ def check_combinations(cfg: Config) -> list[str]:
                         f"{cfg.validation_frequency}")
     if cfg.save_best_val_loss and cfg.validation_split == 0:
         problems.append("save_best_val_loss needs held-out samples: set validation_split, e.g. 0.1")
+    if cfg.optimizer == "muon" and cfg.lora.rank > 0:
+        problems.append("optimizer=muon orthogonalizes whole weight-matrix updates, but LoRA trains low-rank "
+                        "factors: set lora.rank=0 (full fine-tuning) or optimizer=adamw")
     if cfg.random_init and cfg.lora.rank > 0:
         problems.append("random_init with lora.rank > 0 would train adapters on a random base: set lora.rank=0")
     trackers = (("wandb_project", "wandb", "wandb"), ("mlflow_tracking_uri", "mlflow", "mlflow-skinny"),

@@ -309,9 +309,10 @@ def head_transform(config) -> tuple[float, float | None]:
 
 
 def loss_fn(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, loss_scale: float,
-            scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+            scale: float = 1.0, softcap: float | None = None, token_losses: bool = False):
     """Summed token cross-entropy times loss_scale (1 / the optimizer step's global loss-token count), of the
-    logits the model's own head computes (head_transform: scale, then softcap).
+    logits the model's own head computes (head_transform: scale, then softcap). token_losses=True also returns
+    the trained tokens' own losses (unscaled, detached), in order, for per-sample statistics (sample_stats.py).
 
     Only hidden states of trained tokens reach the vocabulary projection, and on GPU with enough of them the
     chunked linear_cross_entropy never materializes their logits either. A scale is linear, so it scales the
@@ -322,21 +323,26 @@ def loss_fn(hidden: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, los
     if torch.is_autocast_enabled(h.device.type):  # the final norm returns fp32: project in the compute dtype
         h = h.to(torch.get_autocast_dtype(h.device.type))
     if h.shape[0] == 0:
-        return hidden.sum() * 0.0  # still part of the graph: every rank runs the same backward collectives
+        zero = hidden.sum() * 0.0  # still part of the graph: every rank runs the same backward collectives
+        return (zero, h.new_zeros(0)) if token_losses else zero
     bias = lm_head.bias
     if scale != 1.0:
         h = h * scale
         bias = None if bias is None else bias * scale
+    reduction = "none" if token_losses else "sum"
     if softcap is not None or not has_linear_cross_entropy():  # torch before 2.13 has no linear_cross_entropy
         logits = F.linear(h, lm_head.weight.to(h.dtype), bias)
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum") * loss_scale
-    # chunking saves GPU memory; on CPU it measured 3-10x slower than the reference path (bench --ladder)
-    chunked = torch.nn.LinearCrossEntropyOptions() if h.is_cuda and h.shape[0] >= h.shape[1] else None
-    loss = F.linear_cross_entropy(h, lm_head.weight.to(h.dtype), targets[keep], linear_bias=bias,
-                                  reduction="sum", options=chunked)
-    return loss.float() * loss_scale
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+    else:
+        # chunking saves GPU memory; on CPU it measured 3-10x slower than the reference path (bench --ladder)
+        chunked = torch.nn.LinearCrossEntropyOptions() if h.is_cuda and h.shape[0] >= h.shape[1] else None
+        loss = F.linear_cross_entropy(h, lm_head.weight.to(h.dtype), targets[keep], linear_bias=bias,
+                                      reduction=reduction, options=chunked).float()
+    if token_losses:
+        return loss.sum() * loss_scale, loss.detach()
+    return loss * loss_scale
 
 
 def router_aux_settings(config) -> float:
@@ -375,14 +381,18 @@ class CausalLMWithLoss(nn.Module):
         self.head = head_transform(lm.config)
         self.router_aux = router_aux_settings(lm.config) != 0.0
 
-    def forward(self, input_ids, position_ids, attention_mask, targets, loss_scale: float, sample_bounds=None):
+    def forward(self, input_ids, position_ids, attention_mask, targets, loss_scale: float, sample_bounds=None,
+                token_losses: bool = False):
+        """The loss; token_losses=True: (loss, the trained tokens' cross-entropies), as loss_fn returns them."""
         varlen = {"sample_bounds": sample_bounds} if sample_bounds is not None else {}  # reaches sdpa_varlen
         if self.router_aux:
             varlen["output_router_logits"] = True
         out = self.lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                     use_cache=False, **varlen)
-        loss = loss_fn(out.last_hidden_state, self.lm.get_output_embeddings(), targets, loss_scale, *self.head)
+        loss = loss_fn(out.last_hidden_state, self.lm.get_output_embeddings(), targets, loss_scale, *self.head,
+                       token_losses=token_losses)
+        loss, per_token = loss if token_losses else (loss, None)
         if self.router_aux:
             bounds = sample_bounds or [*(position_ids[0] == 0).nonzero()[:, 0].tolist(), position_ids.shape[1]]
             loss = loss + router_aux_loss(self.lm, out.router_logits, bounds, targets) * loss_scale
-        return loss
+        return (loss, per_token) if token_losses else loss

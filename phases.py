@@ -130,10 +130,8 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 def split(args) -> None:
     """Knowledge samples train phase 1, skill samples phase 2 (LAB); every sample lands in exactly one file."""
     records = read_jsonl(args.train_jsonl)
-    def is_knowledge(r):  # generated pairs, document chunks and seed pairs of knowledge leaves
-        meta = r.get("metadata", {})
-        return (meta.get("pipeline") in ("knowledge", "document", "restated_context")
-                or str(meta.get("leaf", "")).startswith("knowledge/"))
+    def is_knowledge(r):  # the leaf's kind, as sdg/taxonomy.py decided it; samples from elsewhere train skills
+        return r.get("metadata", {}).get("kind") == "knowledge"
     knowledge = [r for r in records if is_knowledge(r)]
     skills = [r for r in records if not is_knowledge(r)]
     out = Path(args.out_dir)
@@ -149,7 +147,7 @@ def split(args) -> None:
 def question(args) -> None:
     """A held-out seed question, knowledge first (one line, no context): what the trained model should now know."""
     records = read_jsonl(args.test_jsonl)
-    records.sort(key=lambda r: not str(r.get("metadata", {}).get("leaf", "")).startswith("knowledge"))
+    records.sort(key=lambda r: r.get("metadata", {}).get("kind") != "knowledge")
     for record in records:
         users = [m["content"] for m in record["messages"] if m["role"] == "user" and m["content"].strip()]
         if users:

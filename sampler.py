@@ -24,6 +24,12 @@ def plan_epoch(lengths: np.ndarray, loss_counts: np.ndarray, effective_batch_siz
     micro_batches[micro_step][rank] -> array of sample indices (one packed row), num_samples, num_loss_tokens."""
     check_lengths(lengths, max_batch_len)
     order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    return plan_steps(order, lengths, loss_counts, effective_batch_size, max_batch_len, world_size)
+
+
+def plan_steps(order: np.ndarray, lengths: np.ndarray, loss_counts: np.ndarray, effective_batch_size: int,
+               max_batch_len: int, world_size: int) -> list[dict]:
+    """Sample indices in training order (a sample may repeat) cut into steps and packed, as plan_epoch returns."""
     steps = []
     for start in range(0, len(order), effective_batch_size):
         idx = order[start:start + effective_batch_size]

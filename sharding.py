@@ -71,6 +71,9 @@ def check_combination(cfg: Config, world_size: int, device: torch.device):
                         f"{world_size} is not a multiple of LOCAL_WORLD_SIZE {local}: start --nproc-per-node "
                         "processes on each node, or use FULL_SHARD")
     if backend == "deepspeed":
+        if cfg.optimizer == "muon":
+            problems.append("optimizer=muon needs each weight matrix whole, but DeepSpeed ZeRO hands the optimizer "
+                            "flat partitions: use distributed_backend=fsdp (Muon gathers the shards it needs)")
         if not importlib.util.find_spec("deepspeed"):
             problems.append("distributed_backend=deepspeed needs DeepSpeed: pip install deepspeed "
                             "(or use distributed_backend=fsdp)")

@@ -25,6 +25,9 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import optimizers
+import recipes
+import sample_stats
 import sampler
 import sharding
 from config import Config, ConfigError, exit_on_error, load_config
@@ -107,10 +110,14 @@ def _tokenized_matches(cfg: Config, model_path: str, meta_file: Path) -> bool:
 
 
 def build_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on norms and biases. Edit here to try another optimizer."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW; no weight decay on norms and biases. `optimizer: muon` gives the decoder layers' matrices to Muon
+    (optimizers.py). Edit here to try another optimizer."""
+    hidden = optimizers.hidden_matrices(model) if cfg.optimizer == "muon" else []
+    params = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in hidden)]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if hidden:
+        return optimizers.MuonAdamW(hidden, groups, cfg.learning_rate, tuple(cfg.adam_betas), cfg.weight_decay)
     # fused: one kernel over all tensors; on CPU 3x faster than foreach (bench/train_throughput.py --ladder)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), fused=True)
 
@@ -159,6 +166,7 @@ def train_step(model, optimizer, step: dict, data: dict, rank: int, world_size: 
     device, attn = ctx["device"], ctx["attn"]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: one host sync per step
     tokens = 0
+    sums = []  # this rank's samples' summed token losses, when the sampler reads statistics (sample_stats.py)
     micro_batches = step["micro_batches"]
     for m, per_rank in enumerate(micro_batches):
         samples = [sample(data, i) for i in per_rank[rank]]
@@ -168,11 +176,19 @@ def train_step(model, optimizer, step: dict, data: dict, rank: int, world_size: 
         tokens += sum(len(s[0]) for s in samples)
         sharding.set_grad_sync(model, m == len(micro_batches) - 1)
         with ctx["autocast"]:
-            loss = model(**batch, loss_scale=loss_scale if samples else 0.0)
+            loss = model(**batch, loss_scale=loss_scale if samples else 0.0, token_losses=ctx["sample_stats"])
+        if ctx["sample_stats"]:
+            loss, token_losses = loss
+            if samples:
+                sums.append(sample_stats.loss_sums(token_losses, data["loss_counts"][per_rank[rank]]))
         sharding.backward(model, loss)
         loss_sum += loss.detach().double()
-    # the stop request rides on this all-reduce, so preemption costs no collective of its own
+    # the stop request rides on this all-reduce, so preemption costs no collective of its own; so do the recipes'
+    # per-rank gradient norms and per-sample losses (each rank's at its place, zeros elsewhere: the sum gathers)
     totals = torch.stack([loss_sum, loss_sum.new_tensor(tokens), loss_sum.new_tensor(ctx["stop_requested"]())])
+    noise = [ctx["grad_noise"].take(rank, world_size, device)] if ctx["grad_noise"] else []
+    per_sample = [sample_stats.place(sums, step, rank, device)] if ctx["sample_stats"] else []
+    totals = torch.cat([totals, *noise, *per_sample]) if noise or per_sample else totals
     if dist.is_initialized():  # on the device: an NCCL group reduces no CPU tensor
         dist.all_reduce(totals)
     loss = totals[0].item() / world_size
@@ -180,7 +196,13 @@ def train_step(model, optimizer, step: dict, data: dict, rank: int, world_size: 
         raise TrainingError(f"loss is {loss}: stopping before the update; the last saved checkpoint is untouched. "
                             "Try a lower learning_rate, dtype=float32 or max_grad_norm=1.0")
     grad_norm = sharding.optimizer_step(model, optimizer, ctx["max_grad_norm"])
-    return {"loss": loss, "grad_norm": grad_norm, "num_tokens": int(totals[1].item()), "stop": totals[2].item() > 0}
+    out = {"loss": loss, "grad_norm": grad_norm, "num_tokens": int(totals[1].item()), "stop": totals[2].item() > 0}
+    rest = totals[3:].cpu().numpy() if noise or per_sample else None  # the recipes' parts, on the host
+    if noise:
+        out["local_grad_sq"], rest = rest[:world_size], rest[world_size:]
+    if per_sample:
+        out["sample_loss_sums"] = rest
+    return out
 
 
 def validate(model, data: dict, held_out: np.ndarray, max_batch_len: int, rank: int, world_size: int, ctx) -> float:
@@ -242,7 +264,8 @@ def train(cfg: Config) -> dict:
                                         lambda m: build_optimizer(m, cfg))
     use_autocast = dtype != torch.float32 and sharding.backend_for(cfg, world_size) == "none"
     ctx = {"device": device, "attn": attn, "max_grad_norm": cfg.max_grad_norm,
-           "autocast": torch.autocast(device.type, dtype=dtype) if use_autocast else nullcontext()}
+           "autocast": torch.autocast(device.type, dtype=dtype) if use_autocast else nullcontext(),
+           "grad_noise": recipes.watch_local_grads(model, cfg, world_size) if cfg.log_grad_noise_scale else None}
 
     train_idx, held_out = sampler.split_validation(len(data["lengths"]), cfg.validation_split, cfg.random_seed)
     num_train = len(data["lengths"]) if train_idx is None else len(train_idx)
@@ -255,6 +278,10 @@ def train(cfg: Config) -> dict:
     resume_from = checkpoint.find_resume(cfg.resume, cfg.ckpt_output_dir)
     if resume_from:
         state = checkpoint.load_full_state(resume_from, model, optimizer, scheduler, state["fingerprint"])
+    plan_fn = sampler.plan_epoch if cfg.sampler == "multipack" else recipes.SAMPLERS[cfg.sampler]
+    ctx["sample_stats"] = sample_stats.wanted(plan_fn)  # only a sampler that reads them costs their upkeep
+    if ctx["sample_stats"]:
+        state.setdefault("sample_stats", sample_stats.new(len(data["lengths"])))
     log = MetricsLogger(cfg.ckpt_output_dir, total_steps, state["global_step"], rank == 0, cfg.tensorboard, cfg,
                         state.get("tracker_runs"))
     state["tracker_runs"] = log.run_ids  # W&B and MLflow run ids (rank 0's are the ones saved)
@@ -281,13 +308,9 @@ def train(cfg: Config) -> dict:
     final = None  # the last HF checkpoint, once training has finished
     try:
         while state["epoch"] < cfg.num_epochs and state["global_step"] < total_steps:
-            if train_idx is None:
-                plan = sampler.plan_epoch(data["lengths"], data["loss_counts"], cfg.effective_batch_size,
-                                          cfg.max_batch_len, world_size, cfg.random_seed, state["epoch"])
-            else:
-                plan = sampler.restrict(sampler.plan_epoch(
-                    data["lengths"][train_idx], data["loss_counts"][train_idx], cfg.effective_batch_size,
-                    cfg.max_batch_len, world_size, cfg.random_seed, state["epoch"]), train_idx)
+            if ctx["sample_stats"] and state["step_in_epoch"] == 0:  # what this epoch is planned from
+                state["epoch_stats"] = state["sample_stats"].copy()
+            plan = sample_stats.plan(plan_fn, data, train_idx, cfg, world_size, state)
             while state["step_in_epoch"] < len(plan) and state["global_step"] < total_steps:
                 step = plan[state["step_in_epoch"]]
                 start = time.perf_counter()
@@ -297,6 +320,9 @@ def train(cfg: Config) -> dict:
                 elapsed = time.perf_counter() - start
                 state.update(global_step=state["global_step"] + 1, step_in_epoch=state["step_in_epoch"] + 1,
                              samples_seen=state["samples_seen"] + step["num_samples"])
+                if ctx["sample_stats"]:
+                    sample_stats.update(state["sample_stats"], step, out["sample_loss_sums"], data["loss_counts"],
+                                        state["global_step"])
                 metrics = {"step": state["global_step"], "epoch": state["epoch"],
                            "samples_seen": state["samples_seen"], "loss": out["loss"], "lr": lr,
                            "grad_norm": out["grad_norm"], "num_tokens": out["num_tokens"],
@@ -304,6 +330,9 @@ def train(cfg: Config) -> dict:
                            "tokens_per_s": out["num_tokens"] / elapsed,
                            "loss_tokens_per_s": step["num_loss_tokens"] / elapsed, "step_time_s": elapsed,
                            "peak_memory_gb": peak_memory_gb(device)}
+                if ctx["grad_noise"]:
+                    metrics.update(recipes.grad_noise_scale(out["local_grad_sq"], out["grad_norm"], step,
+                                                            data["loss_counts"]))
                 if peak:
                     lengths = [int(data["lengths"][i]) for micro in step["micro_batches"] for r in micro for i in r]
                     metrics["mfu"] = model_flops(lm, lengths) / (elapsed * peak * world_size)

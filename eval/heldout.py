@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from config import EMBEDDED_MODEL, ConfigError, exit_on_error
 from eval import report
 from sdg.heldout import normalize
+from sdg.taxonomy import mmlu_subject
 
 METRICS = {"multiple choice": True, "multiple choice (cloze)": True, "recall": True, "answer NLL": False}  # higher is better?
 MC_STYLES = {"multiple choice": "letters", "multiple choice (cloze)": "continuation"}  # eval.mmlu_tasks.STYLES
@@ -77,7 +78,7 @@ def mc_rows(leaf: str, records: list[dict], seed: int) -> list[dict]:
         rng = random.Random(f"{seed}:{leaf}:{r['metadata'].get('sha256', answer)}")
         choices = rng.sample(pool, 3) + [answer]
         rng.shuffle(choices)
-        rows.append({"question": r["metadata"]["question"], "subject": leaf.replace("/", "_"), "choices": choices,
+        rows.append({"question": r["metadata"]["question"], "subject": mmlu_subject(leaf), "choices": choices,
                      "answer": choices.index(answer)})
     return rows
 

@@ -85,16 +85,12 @@ def tokenizer_folder(spec: str, scratch: str) -> str:
 
 def endpoint_lm(base_url: str, tokenizer_dir: str):
     """lm-eval's local-completions model; scores the continuation from the end of the echoed prompt (see below)."""
-    import openai
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    api_key = os.environ.get("MINILAB_API_KEY") or os.environ.get("OPENAI_API_KEY") or "unused"
+    from serve import client
+
     base_url = base_url.rstrip("/").removesuffix("/completions")
-    try:
-        served = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=10, max_retries=0).models.list().data
-    except openai.APIError as e:
-        raise ConfigError(f"endpoint {base_url} did not answer ({e}); is the server running? "
-                          "(start one with: python -m serve)") from None
+    _, served = client.connect(base_url, None, timeout_s=10, retries=0, role="model")
 
     class EchoTailCompletions(LocalCompletionsAPI):
         # llama-cpp-python pairs echoed prompt tokens with the right logprobs only when the prompt starts with
@@ -116,9 +112,9 @@ def endpoint_lm(base_url: str, tokenizer_dir: str):
                 scores.append((sum(logprobs["token_logprobs"][tail]), all(lp >= max(top.values()) for lp, top in pairs)))
             return scores
 
-    lm = EchoTailCompletions(base_url=base_url + "/completions", model=served[0].id if served else None,
-                             tokenizer=tokenizer_dir, tokenizer_backend="huggingface", tokenized_requests=False,
-                             batch_size=1, max_retries=1, timeout=120, header={"Authorization": f"Bearer {api_key}"})
+    lm = EchoTailCompletions(base_url=base_url + "/completions", model=served, tokenizer=tokenizer_dir,
+                             tokenizer_backend="huggingface", tokenized_requests=False, batch_size=1, max_retries=1,
+                             timeout=120, header={"Authorization": f"Bearer {client.api_key() or 'unused'}"})
     tok = lm.tokenizer
     adds_bos = tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id]
     lm.bos_prefix = tok.bos_token if tok.bos_token and not adds_bos else ""
@@ -132,11 +128,12 @@ def build_tasks(args, scratch: str) -> tuple[list[str], dict[str, str], object]:
     if not (args.data_dir or args.taxonomy):
         return (args.tasks or "mmlu").split(","), {}, TaskManager()
     from eval.mmlu_tasks import read_mmlu_dir, write_task_configs
-    from eval.taxonomy import knowledge_mmlu_rows, read_leaves
+    from eval.taxonomy import knowledge_mmlu_rows
+    from sdg.taxonomy import load_taxonomy
 
     subjects = read_mmlu_dir(args.data_dir) if args.data_dir else {}
     if args.taxonomy:
-        rows = knowledge_mmlu_rows(read_leaves(args.taxonomy), args.seed)
+        rows = knowledge_mmlu_rows(load_taxonomy(args.taxonomy, fetch=False), args.seed)
         for name in dict.fromkeys(r["subject"] for r in rows):
             leaf = [r for r in rows if r["subject"] == name]
             # The first few-shot questions of a leaf become its examples, the rest are scored.

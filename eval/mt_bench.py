@@ -21,6 +21,8 @@ import yaml
 
 from config import ConfigError, exit_on_error
 from eval import report
+from sdg.teacher import job_id, load_cache
+from serve.client import connect
 
 DEFAULT_JUDGE_PROMPTS = Path(__file__).with_name("judge_prompts.yaml")
 PROMPT_NAMES = ("single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn")
@@ -48,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--output", help="JSON result with every answer and judgment; markdown table next to it (.md)")
     p.add_argument("--plot", help="PNG chart of per-category scores")
+    p.add_argument("--cache", help="JSONL of every reply so far, so a rerun resumes (default: next to --output)")
     args = p.parse_args(argv)
     if not (args.question_file or args.taxonomy):
         raise ConfigError("give --question-file FILE (MT-Bench question.jsonl) or --taxonomy DIR")
@@ -99,14 +102,14 @@ def load_questions(path: str, reference_path: str | None) -> list[dict]:
 
 
 def taxonomy_questions(taxonomy_dir: str) -> list[dict]:
-    from eval.taxonomy import read_leaves
+    from sdg.taxonomy import load_taxonomy, qa_pairs
 
     questions = []
-    for leaf in read_leaves(taxonomy_dir):
-        for i, qa in enumerate(leaf["qa"], 1):
-            context = f"{qa['context'].strip()}\n\n" if isinstance(qa["context"], str) and qa["context"].strip() else ""
-            questions.append({"question_id": f"{leaf['name']}/{i}", "category": leaf["name"],
-                              "turns": [context + qa["question"]], "reference": [qa["answer"]]})
+    for leaf in load_taxonomy(taxonomy_dir, fetch=False):
+        for i, qa in enumerate(qa_pairs(leaf), 1):
+            context = f"{qa['context'].strip()}\n\n" if (qa["context"] or "").strip() else ""
+            questions.append({"question_id": f"{leaf.name}/{i}", "category": leaf.name,
+                              "turns": [context + qa["question"].strip()], "reference": [qa["answer"].strip()]})
     return questions
 
 
@@ -141,44 +144,52 @@ def parse_rating(judgment: str) -> float | None:
     return None
 
 
-def connect(base_url: str, timeout: float):
-    """An OpenAI client plus the served model's id; a clear error when nothing answers there."""
-    import openai
-
-    api_key = os.environ.get("MINILAB_API_KEY") or os.environ.get("OPENAI_API_KEY") or "unused"
-    client = openai.OpenAI(base_url=base_url.rstrip("/"), api_key=api_key, timeout=timeout, max_retries=1)
-    try:
-        models = client.models.list().data
-    except openai.APIError as e:
-        raise ConfigError(f"endpoint {base_url} did not answer ({e}); is the server running? "
-                          "(start one with: python -m serve)") from None
-    if not models:
-        raise ConfigError(f"endpoint {base_url} serves no model")
-    return client, models[0].id
+def open_cache(path: str | None) -> dict:
+    """Every reply so far, keyed by what was asked (model, messages, limits): a killed or failed run resumes
+    where it stopped, and a changed question or model asks again."""
+    return {"path": Path(path) if path else None, "replies": load_cache(Path(path)) if path else {}, "written": 0}
 
 
-def chat(endpoint, messages: list[dict], max_tokens: int, temperature: float) -> str:
+def chat(endpoint, messages: list[dict], max_tokens: int, temperature: float, cache: dict, role: str) -> str:
+    """One reply; `role` (candidate, base, judge) keeps two servers of same-named models apart in the cache,
+    whatever port each runs on."""
     import openai
 
     client, model = endpoint
+    key = job_id(role, model, messages, max_tokens, temperature)
+    if key in cache["replies"]:
+        return cache["replies"][key]["reply"]
     try:
         response = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
                                                   temperature=temperature)
     except openai.APIError as e:
-        raise ConfigError(f"request to {client.base_url} failed: {e}") from None
-    return response.choices[0].message.content or ""
+        raise ConfigError(f"request to {client.base_url} failed: {e}; replies so far are kept in {cache['path']}, "
+                          "rerun the same command to resume") from None
+    reply = response.choices[0].message.content or ""
+    if cache["path"]:
+        cache["path"].parent.mkdir(parents=True, exist_ok=True)
+        with open(cache["path"], "a", encoding="utf-8") as f:  # synced line by line: a kill loses one reply at most
+            f.write(json.dumps({"id": key, "reply": reply}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        cache["replies"][key] = {"reply": reply}
+        cache["written"] += 1
+        if os.environ.get("MINILAB_TEST_HOOK"):  # fault tests (README, "Test hooks"); imports torch
+            from checkpoint import fault_point
+            fault_point("after_request", cache["written"])
+    return reply
 
 
-def answer(endpoint, question: dict, args) -> list[str]:
+def answer(endpoint, question: dict, args, cache: dict, role: str) -> list[str]:
     messages, answers = [], []
     for turn in question["turns"]:
         messages.append({"role": "user", "content": turn})
-        answers.append(chat(endpoint, messages, args.max_tokens, args.temperature))
+        answers.append(chat(endpoint, messages, args.max_tokens, args.temperature, cache, role))
         messages.append({"role": "assistant", "content": answers[-1]})
     return answers
 
 
-def judge(judge_endpoint, prompts: dict, question: dict, answers: list[str], args) -> list[dict]:
+def judge(judge_endpoint, prompts: dict, question: dict, answers: list[str], args, cache: dict) -> list[dict]:
     reference = question["reference"] or []
     fields = {"question": question["turns"][0], "answer": answers[0], "question_1": question["turns"][0],
               "answer_1": answers[0], "ref_answer_1": reference[0] if reference else ""}
@@ -196,16 +207,17 @@ def judge(judge_endpoint, prompts: dict, question: dict, answers: list[str], arg
         except (KeyError, IndexError) as e:
             raise ConfigError(f"judge prompt '{name}' uses an unknown placeholder {e}") from None
         messages = [{"role": "system", "content": prompt["system_prompt"]}, {"role": "user", "content": user}]
-        text = chat(judge_endpoint, messages, args.judge_max_tokens, 0.0)
+        text = chat(judge_endpoint, messages, args.judge_max_tokens, 0.0, cache, "judge")
         judgments.append({"turn": turn, "prompt": name, "judgment": text, "rating": parse_rating(text)})
     return judgments
 
 
-def run_model(endpoint, judge_endpoint, prompts, questions, args, label: str) -> dict:
+def run_model(endpoint, judge_endpoint, prompts, questions, args, label: str, cache: dict) -> dict:
     records = []
     for i, question in enumerate(questions, 1):
-        answers = answer(endpoint, question, args)
-        records.append({**question, "answers": answers, "judgments": judge(judge_endpoint, prompts, question, answers, args)})
+        answers = answer(endpoint, question, args, cache, label)
+        records.append({**question, "answers": answers,
+                        "judgments": judge(judge_endpoint, prompts, question, answers, args, cache)})
         print(f"[{label}] {i}/{len(questions)} {question['question_id']}: "
               f"{[j['rating'] for j in records[-1]['judgments']]}", flush=True)
     return {"model": endpoint[1], **summarize(records), "records": records}
@@ -242,14 +254,16 @@ def main(argv=None) -> dict:
         load_questions(args.question_file, args.reference_answers)
     questions = questions[: args.limit]
     prompts = load_judge_prompts(args.judge_prompts)
-    model = connect(args.model_endpoint, args.timeout)
-    judge_endpoint = connect(args.judge_endpoint, args.timeout)
-    base_endpoint = connect(args.base_endpoint, args.timeout) if args.base_endpoint else None
-    result = run_model(model, judge_endpoint, prompts, questions, args, "candidate")
+    model = connect(args.model_endpoint, None, args.timeout, 1, role="model")
+    judge_endpoint = connect(args.judge_endpoint, None, args.timeout, 1, role="judge")
+    base_endpoint = connect(args.base_endpoint, None, args.timeout, 1, role="base model") if args.base_endpoint \
+        else None
+    cache = open_cache(args.cache or (os.path.splitext(args.output)[0] + ".cache.jsonl" if args.output else None))
+    result = run_model(model, judge_endpoint, prompts, questions, args, "candidate", cache)
     result["judge"] = judge_endpoint[1]
     table = report.scores_table(scored(result), result["overall"], "category", digits=2)
     if base_endpoint:
-        result["base"] = run_model(base_endpoint, judge_endpoint, prompts, questions, args, "base")
+        result["base"] = run_model(base_endpoint, judge_endpoint, prompts, questions, args, "base", cache)
         base_scores = {**scored(result["base"]), "overall": result["base"]["overall"]}
         candidate_scores = {**scored(result), "overall": result["overall"]}
         base_scores = {k: v for k, v in base_scores.items() if v is not None}

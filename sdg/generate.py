@@ -21,8 +21,9 @@ import jinja2
 from config import ConfigError
 from sdg.heldout import HELDOUT_FRACTION, held_out_question, record_hash, split_leaf
 from sdg.mix import write_jsonl_atomic
-from sdg.parse import deduplicate, parse_answer, parse_context, parse_qa_pair, parse_question, parse_score
-from sdg.taxonomy import Leaf
+from sdg.parse import (deduplicate, parse_answer, parse_context, parse_qa_pair, parse_question, parse_score,
+                       reaches_cut)
+from sdg.taxonomy import Leaf, mmlu_subject
 from sdg.teacher import Teacher, job_id
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
@@ -104,7 +105,11 @@ class Stage:
         for job in self.jobs:
             if job["id"] not in replies:
                 continue
-            parsed = parse(replies[job["id"]])
+            reply = replies[job["id"]]
+            parsed = parse(reply["reply"])
+            if parsed is not None and reply.get("finish_reason") == "length" and reaches_cut(reply["reply"], parsed):
+                self.counts["truncated"] += 1  # cut off mid-answer at max_tokens: never trained on
+                continue
             self.counts["parsed" if parsed is not None else "unparsable"] += 1
             if parsed is not None:
                 results.append((job["payload"], parsed))
@@ -141,14 +146,15 @@ def skill_pairs(teacher, leaf, templates, settings, stats) -> list[dict]:
     task = leaf.data["task_description"]
     k, n = settings.examples_per_prompt, settings.num_instructions
     if leaf.grounded:
+        grounded = [s for s in seeds if s["context"]]  # InstructLab lets some seeds of a grounded skill go without
         contexts = Stage(teacher, leaf, "contexts", stats)
         for i in range(n):
-            examples = [s["context"] for s in _pick(seeds, min(k, 2), leaf, i)]
+            examples = [s["context"] for s in _pick(grounded, min(k, 2), leaf, i)]
             contexts.add(render(templates, "grounded_context", task_description=task, examples=examples),
                          settings.max_tokens, settings.temperature, i)
         questions = Stage(teacher, leaf, "questions", stats)
         for i, (_, context) in enumerate(contexts.run(parse_context)):
-            example = _pick(seeds, 1, leaf, i)[0]
+            example = _pick(grounded, 1, leaf, i)[0]
             questions.add(render(templates, "grounded_question", task_description=task, context=context,
                                  example_context=example["context"], example_question=example["question"]),
                           64, settings.temperature, i, payload=context)
@@ -189,14 +195,14 @@ def to_messages(question: str, answer: str, context: str | None, leaf: Leaf, pip
     user = f"{context.strip()}\n\n{question}" if context else question
     messages = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    return {"messages": messages, "metadata": {"leaf": leaf.name, "pipeline": pipeline}}
+    return {"messages": messages, "metadata": {"leaf": leaf.name, "kind": leaf.kind, "pipeline": pipeline}}
 
 
 def heldout_record(pair: dict, leaf: Leaf, settings: Settings) -> dict:
     """A held-out seed pair for evaluation (never trained on), with what eval.heldout needs in its metadata."""
     context = pair.get("context") if leaf.kind == "skill" else None  # knowledge questions are asked without it
     record = to_messages(pair["question"], pair["answer"], context, leaf, "heldout", settings)
-    record["metadata"].update(kind=leaf.kind, question=pair["question"], answer=pair["answer"],
+    record["metadata"].update(question=pair["question"], answer=pair["answer"],
                               sha256=record_hash(record))
     return record
 
@@ -212,8 +218,8 @@ def taxonomy_samples(leaf: Leaf, settings: Settings) -> tuple[list[dict], Counte
     contexts = [seed["context"] for seed in leaf.data["seed_examples"]] if leaf.kind == "knowledge" else []
     restated = [r for i, c in enumerate(contexts) for r in restate(c, settings.restatements, f"{leaf.name}:{i}")]
     seeds = len(samples)
-    samples += [{"messages": [{"role": "pretraining", "content": c}], "metadata": {"leaf": leaf.name,
-                                                                                 "pipeline": pipeline}}
+    samples += [{"messages": [{"role": "pretraining", "content": c}],
+                 "metadata": {"leaf": leaf.name, "kind": leaf.kind, "pipeline": pipeline}}
                 for texts, pipeline in ((chunks, "document"), (restated, "restated_context")) for c in texts]
     choice = multiple_choice_samples(leaf) if leaf.kind == "knowledge" else []
     return samples + choice, Counter(seed_pairs=seeds, document_chunks=len(chunks), restated_contexts=len(restated),
@@ -255,9 +261,9 @@ def multiple_choice_samples(leaf: Leaf) -> list[dict]:
         rng = random.Random(f"{leaf.name}:choices:{i}")
         choices = rng.sample(pool, 3) + [p["answer"]]
         rng.shuffle(choices)
-        text = mmlu_prompt(leaf.name.replace("/", "_"), p["question"], choices) + " " + "ABCD"[choices.index(p["answer"])]
+        text = mmlu_prompt(mmlu_subject(leaf.name), p["question"], choices) + " " + "ABCD"[choices.index(p["answer"])]
         samples.append({"messages": [{"role": "pretraining", "content": text}],
-                        "metadata": {"leaf": leaf.name, "pipeline": "multiple_choice"}})
+                        "metadata": {"leaf": leaf.name, "kind": leaf.kind, "pipeline": "multiple_choice"}})
     return samples
 
 
@@ -318,4 +324,8 @@ def format_report(summary: dict) -> str:
     lines.append(f"train: {summary['train_samples']}  test (held-out seeds): {summary['test_samples']}  "
                  f"requests sent: {requests.get('sent', 0)}  from cache: {requests.get('cached', 0)}  "
                  f"rejected: {requests.get('failed', 0)}")
+    cut = sum(c.get("truncated", 0) for leaf in summary["leaves"].values() for c in leaf["stages"].values())
+    if cut:
+        lines.append(f"{cut} replies stopped at max_tokens inside the text kept and were dropped (truncated=); "
+                     "raise --max-tokens to keep them")
     return "\n".join(lines)

@@ -93,6 +93,16 @@ def parse_score(text: str, low: int = 1, high: int = 5) -> int | None:
     return None
 
 
+def reaches_cut(reply: str, parsed) -> bool:
+    """Whether what a parser kept runs into the end of a reply that the teacher's max_tokens cut off: a question
+    followed by the start of another is whole, an answer that ends where the reply stopped is not."""
+    if not isinstance(parsed, (str, tuple)):  # a score is whole once read
+        return False
+    kept = re.sub(r"\W+", "", " ".join(parsed) if isinstance(parsed, tuple) else parsed)
+    tail = re.sub(r"\W+", "", " ".join(_CHAT_TOKENS.sub("", reply).split()[-3:]))
+    return bool(tail) and kept.endswith(tail)
+
+
 def normalize(text: str) -> str:
     text = text.lower().translate(str.maketrans("", "", string.punctuation))
     return " ".join(text.split())

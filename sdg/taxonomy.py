@@ -1,14 +1,19 @@
-"""Load and validate an InstructLab v3 taxonomy: folders of qna.yaml files, skills and knowledge.
+"""The one reader of InstructLab taxonomies (folders of qna.yaml files): sdg, eval and phases all take their
+leaves, leaf names and kinds from here.
 
-Every problem is reported as `file:line: message`, all of them at once, so a user fixes a taxonomy in one pass.
-Lines come from yaml's composed nodes; the schema check itself is jsonschema's.
+Validation is InstructLab's own (`ilab taxonomy diff`): each file against the instructlab-schema JSON schema of
+its version (a file without `version` is version 1), yamllint with InstructLab's rules from version 2 on, and the
+knowledge documents must be found. Every problem is reported as `file:line: message`, all of them at once, so a
+user fixes a taxonomy in one pass; lines come from yaml's composed nodes.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import glob
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -16,50 +21,21 @@ from pathlib import Path
 
 import jsonschema
 import yaml
+from instructlab.schema import schema_base, schema_versions
+from instructlab.schema.taxonomy import DEFAULT_TAXONOMY_FOLDERS, DEFAULT_YAMLLINT_CONFIG
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+from yamllint import linter
+from yamllint.config import YamlLintConfig
 
 from config import ConfigError, cache_dir
 
-MIN_SEEDS = 5
-MIN_KNOWLEDGE_QA = 3
 # a commit hash, or a branch/tag name; never a leading '-', which git would read as an option
 SAFE_REF = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_./-]{0,199}")
 GIT_URL = re.compile(r"(https?|ssh|git|file)://|git@")
-
-_TEXT = {"type": "string", "minLength": 1}
-_QA = {"type": "object", "required": ["question", "answer"], "additionalProperties": False,
-       "properties": {"question": _TEXT, "answer": _TEXT}}
-SKILL_SCHEMA = {
-    "type": "object",
-    "required": ["version", "created_by", "task_description", "seed_examples"],
-    "additionalProperties": False,
-    "properties": {
-        "version": {"const": 3},
-        "created_by": _TEXT,
-        "task_description": _TEXT,
-        "seed_examples": {"type": "array", "minItems": MIN_SEEDS, "items": {
-            "type": "object", "required": ["question", "answer"], "additionalProperties": False,
-            "properties": {"question": _TEXT, "answer": _TEXT, "context": _TEXT}}},
-    },
-}
-KNOWLEDGE_SCHEMA = {
-    "type": "object",
-    "required": ["version", "created_by", "domain", "document_outline", "seed_examples", "document"],
-    "additionalProperties": False,
-    "properties": {
-        "version": {"const": 3},
-        "created_by": _TEXT,
-        "domain": _TEXT,
-        "document_outline": _TEXT,
-        "seed_examples": {"type": "array", "minItems": MIN_SEEDS, "items": {
-            "type": "object", "required": ["context", "questions_and_answers"], "additionalProperties": False,
-            "properties": {"context": _TEXT,
-                           "questions_and_answers": {"type": "array", "minItems": MIN_KNOWLEDGE_QA, "items": _QA}}}},
-        "document": {"type": "object", "required": ["repo", "patterns"], "additionalProperties": False,
-                     "properties": {"repo": _TEXT, "commit": _TEXT,
-                                    "patterns": {"type": "array", "minItems": 1, "items": _TEXT}}},
-    },
-}
-KNOWLEDGE_ONLY_KEYS = {"domain", "document_outline", "document"}
+# InstructLab's CLI reports yamllint warnings as errors too (TaxonomyParser(yamllint_strict=True))
+YAMLLINT = YamlLintConfig(DEFAULT_YAMLLINT_CONFIG)
+TYPES = {"string": "string", "array": "list", "object": "mapping (key: value)", "integer": "whole number"}
 
 
 @dataclasses.dataclass
@@ -68,8 +44,66 @@ class Leaf:
     name: str  # its folder relative to the taxonomy root, e.g. compositional_skills/writing/haiku
     kind: str  # "skill" or "knowledge"
     data: dict
-    grounded: bool = False  # a skill whose seeds carry a context
+    grounded: bool = False  # a skill whose first seed carries a context (instructlab-sdg's grounded pipeline)
     documents: list[Path] = dataclasses.field(default_factory=list)  # knowledge files, resolved
+
+
+def leaf_name(path: Path, root: Path) -> str:
+    """The leaf's one name: its folder under the taxonomy root, '/'-separated (the root's own name for a qna.yaml
+    at the root). It is `metadata.leaf` of every generated record."""
+    folder = path.parent.relative_to(root)
+    return folder.as_posix() if folder.parts else root.resolve().name
+
+
+def leaf_kind(name: str, data) -> str:
+    """InstructLab's rule: the first folder names the schema (knowledge or compositional_skills); anywhere else
+    (foundational_skills, ...) a leaf with a `document` is knowledge."""
+    first = name.split("/")[0]
+    if first in DEFAULT_TAXONOMY_FOLDERS:
+        return "knowledge" if first == "knowledge" else "skill"
+    return "knowledge" if isinstance(data, dict) and "document" in data else "skill"
+
+
+def mmlu_subject(name: str) -> str:
+    """A leaf as an MMLU subject (lm-eval's prompt reads its '_' as spaces): the same for training and scoring."""
+    return name.replace("/", "_")
+
+
+def qa_pairs(leaf: Leaf) -> list[dict]:
+    """Every seed question and answer of a leaf, each with the context it came with (None for none)."""
+    if leaf.kind == "knowledge":
+        return [{"question": qa["question"], "answer": qa["answer"], "context": seed["context"]}
+                for seed in leaf.data["seed_examples"] for qa in seed["questions_and_answers"]]
+    return [{"question": s["question"], "answer": s["answer"], "context": s.get("context")}
+            for s in leaf.data["seed_examples"]]
+
+
+def file_version(data: dict) -> int:
+    """InstructLab's reading: no `version` is version 1; a value that is no number is checked as version 1 (the
+    schema then names it)."""
+    version = data.get("version", 1)
+    try:
+        return int(version)
+    except (TypeError, ValueError):
+        return 1
+
+
+@functools.cache
+def schema(version: int, kind: str) -> dict | None:
+    """instructlab-schema's JSON schema for a taxonomy version and kind; None for a version it does not have."""
+    if f"v{version}" not in {v.name for v in schema_versions()}:
+        return None
+    name = "knowledge.json" if kind == "knowledge" else "compositional_skills.json"
+    return json.loads((schema_base() / f"v{version}" / name).read_text())
+
+
+@functools.cache
+def _validator(version: int, kind: str) -> jsonschema.protocols.Validator:
+    folder = schema_base() / f"v{version}"
+    registry = Registry(retrieve=lambda uri: Resource.from_contents(json.loads((folder / uri).read_text()),
+                                                                     default_specification=DRAFT202012))
+    contents = schema(version, kind)
+    return jsonschema.validators.validator_for(contents)(contents, registry=registry)
 
 
 def _node_at(node, path) -> yaml.Node:
@@ -91,50 +125,76 @@ def _key_node(mapping, key):
     return next((k for k, _ in mapping.value if k.value == key), mapping) if isinstance(mapping, yaml.MappingNode) else mapping
 
 
-def _duplicate_keys(node, where: str, problems: list[str]):
-    """yaml.safe_load keeps the last of two equal keys silently; a seed would vanish without this."""
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for key, value in node.value:
-            if key.value in seen:
-                problems.append(f"{where}:{key.start_mark.line + 1}: duplicate key '{key.value}' (the earlier one would be ignored; "
-                                "for another seed example start a new '- question:' list item)")
-            seen.add(key.value)
-            _duplicate_keys(value, where, problems)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _duplicate_keys(item, where, problems)
+def _line(root, path) -> int:
+    return _node_at(root, path).start_mark.line + 1
 
 
-def _describe(error: jsonschema.ValidationError, root, where: str) -> list[str]:
+def _describe(error: jsonschema.ValidationError, root, where: str, version: int, local_repo: bool) -> list[str]:
     path = list(error.absolute_path)
     dotted = ".".join(str(p) for p in path) or "top level"
     node = _node_at(root, path)
     line = node.start_mark.line + 1
-    if error.validator == "additionalProperties":
-        allowed = list(error.schema.get("properties", {}))
-        extra = [k for k in error.instance if k not in allowed]
+    if error.validator == "unevaluatedProperties":
+        # the top level's `version` is allowed by the schema's $ref to version.json
+        allowed = list(error.schema.get("properties", {})) + (["version"] if "$ref" in error.schema else [])
         parts = []
-        for key in extra:
-            line = _key_node(node, key).start_mark.line + 1
+        for key in (k for k in error.instance if k not in allowed):
             close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
             hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(allowed)}"
-            parts.append(f"{where}:{line}: unknown key '{key}' in {dotted}; {hint}")
+            parts.append(f"{where}:{_key_node(node, key).start_mark.line + 1}: unknown key '{key}' in {dotted}; {hint}")
         return parts
     if error.validator == "required":
-        missing = [k for k in error.validator_value if k not in error.instance]
-        return [f"{where}:{line}: {dotted} is missing required key(s) {', '.join(repr(k) for k in missing)}"]
+        # a local document folder (minilab's addition) has no commit to pin
+        missing = [k for k in error.validator_value if k not in error.instance
+                   and not (local_repo and path == ["document"] and k == "commit")]
+        return [f"{where}:{line}: {dotted} is missing required key(s) {', '.join(repr(k) for k in missing)}"] if missing else []
     if error.validator == "minItems":
         what = "seed examples" if path and path[-1] == "seed_examples" else "items"
-        return [f"{where}:{line}: {dotted} has {len(error.instance)} {what}, at least {error.validator_value} are needed; "
-                "add more examples"]
+        return [f"{where}:{line}: {dotted} has {len(error.instance)} {what}, at least {error.validator_value} are needed "
+                f"in an InstructLab taxonomy version {version} file; add more"]
+    if error.validator == "uniqueItems":
+        return [f"{where}:{line}: {dotted} has the same item twice; make each one different"]
     if error.validator == "minLength":
         return [f"{where}:{line}: {dotted} is empty; write some text"]
     if error.validator == "const":
-        return [f"{where}:{line}: {dotted} must be {error.validator_value} (InstructLab taxonomy v3), got {error.instance!r}"]
+        return [f"{where}:{line}: {dotted} must be {error.validator_value!r}, got {error.instance!r}"]
     if error.validator == "type":
-        return [f"{where}:{line}: {dotted} must be a {error.validator_value}, got {type(error.instance).__name__}"]
-    return [f"{where}:{line}: {dotted}: {error.message}"]
+        return [f"{where}:{line}: {dotted} must be a {TYPES.get(error.validator_value, error.validator_value)}, "
+                f"got {type(error.instance).__name__} {error.instance!r:.40}"]
+    return [f"{where}:{line}: {dotted}: {error.message[-200:]}"]
+
+
+def _schema_problems(data: dict, root, where: str, kind: str) -> tuple[list[str], bool]:
+    """InstructLab's schema check of one file, as TaxonomyParser does it, each problem at its line; and whether
+    its `document` section passed (then its files can be looked for)."""
+    version = file_version(data)
+    line = _line(root, ["version"] if "version" in data else [])
+    contents = schema(version, kind)
+    if contents is None:
+        known = ", ".join(v.name[1:] for v in schema_versions())
+        return [f"{where}:{line}: version {data.get('version')!r} is not an InstructLab taxonomy version "
+                f"(instructlab-schema knows {known})"], False
+    if contents.get("deprecated"):  # e.g. knowledge before version 3
+        return [f"{where}:{line}: {contents.get('description') or f'version {version} is deprecated'}"], False
+    document = data.get("document")
+    local_repo = isinstance(document, dict) and isinstance(document.get("repo"), str) and not is_git_url(document["repo"])
+    errors = sorted(_validator(version, kind).iter_errors(data), key=lambda e: _line(root, list(e.absolute_path)))
+    described = [(e, _describe(e, root, where, version, local_repo)) for e in errors]
+    document_ok = "document" in data and not any(m and list(e.absolute_path)[:1] == ["document"] for e, m in described)
+    return list(dict.fromkeys(m for _, ms in described for m in ms)), document_ok
+
+
+def _lint_problems(text: str, where: str) -> list[str]:
+    """yamllint with InstructLab's configuration, warnings counted as errors as `ilab` does."""
+    problems = []
+    for p in linter.run(text, YAMLLINT):
+        if p.rule == "key-duplicates":  # yaml.safe_load would keep the last of the two silently
+            key = p.desc.split('"')[1] if '"' in p.desc else p.desc
+            problems.append(f"{where}:{p.line}: duplicate key '{key}' (the earlier one would be ignored; "
+                            "for another seed example start a new '- question:' list item)")
+        else:
+            problems.append(f"{where}:{p.line}: {p.desc} (yamllint {p.rule})")
+    return problems
 
 
 def is_git_url(repo: str) -> bool:
@@ -176,41 +236,44 @@ def fetch_git_repo(repo: str, commit: str | None) -> Path:
 
 
 def _resolve_documents(leaf: Leaf, root_node, problems: list[str], fetch: bool):
+    """InstructLab's document rule: the patterns must find Markdown documents (it also reads PDF; minilab does not)."""
     where = str(leaf.path)
     document = leaf.data["document"]
     repo = document["repo"]
     if is_git_url(repo):
-        if not document.get("commit"):
-            line = _node_at(root_node, ["document"]).start_mark.line + 1
-            problems.append(f"{where}:{line}: document.commit is required for a git repo (pin the exact version)")
-            return
         bad = git_problems(repo, document["commit"])
         for key, message in bad.items():
-            problems.append(f"{where}:{_node_at(root_node, ['document', key]).start_mark.line + 1}: {message}")
+            problems.append(f"{where}:{_line(root_node, ['document', key])}: {message}")
         if bad or not fetch:
             return
         folder = fetch_git_repo(repo, document["commit"])
     else:
         folder = (leaf.path.parent / repo).resolve()
         if not folder.is_dir():
-            line = _node_at(root_node, ["document", "repo"]).start_mark.line + 1
-            problems.append(f"{where}:{line}: document.repo folder {folder} does not exist "
-                            "(a local folder is relative to this qna.yaml's folder, or absolute)")
+            problems.append(f"{where}:{_line(root_node, ['document', 'repo'])}: document.repo folder {folder} does not "
+                            "exist (a local folder is relative to this qna.yaml's folder, or absolute)")
             return
+    unmatched = []
     for i, pattern in enumerate(document["patterns"]):
         matches = sorted(Path(p) for p in glob.glob(str(folder / pattern), recursive=True) if os.path.isfile(p))
         if not matches:
-            line = _node_at(root_node, ["document", "patterns", i]).start_mark.line + 1
-            problems.append(f"{where}:{line}: pattern '{pattern}' matches no file in {folder}; "
-                            f"files there: {', '.join(sorted(os.listdir(folder))[:8]) or 'none'}")
+            unmatched.append(f"{where}:{_line(root_node, ['document', 'patterns', i])}: pattern '{pattern}' matches no "
+                             f"file in {folder}; files there: {', '.join(sorted(os.listdir(folder))[:8]) or 'none'}")
         for path in matches:
+            line = _line(root_node, ["document", "patterns", i])
+            if path.suffix != ".md":
+                problems.append(f"{where}:{line}: document {path} is not Markdown (.md); convert it "
+                                "(InstructLab reads .md and .pdf, minilab .md)")
+                continue
             try:
                 path.read_text(encoding="utf-8")
             except UnicodeDecodeError:
-                problems.append(f"{where}: document {path} is not UTF-8 text (convert PDFs or other formats to Markdown)")
+                problems.append(f"{where}:{line}: document {path} is not UTF-8 text")
                 continue
             if path not in leaf.documents:
                 leaf.documents.append(path)
+    if not leaf.documents:  # one pattern finding nothing is fine when another finds the documents
+        problems.extend(unmatched or [f"{where}:{_line(root_node, ['document'])}: no knowledge document found"])
 
 
 def load_leaf(path: Path, root: Path, problems: list[str], fetch: bool = True) -> Leaf | None:
@@ -228,31 +291,20 @@ def load_leaf(path: Path, root: Path, problems: list[str], fetch: bool = True) -
         problems.append(f"{where}{line}: invalid YAML: {getattr(e, 'problem', None) or e} (check indentation and quoting)")
         return None
     if not isinstance(data, dict):
-        problems.append(f"{where}:1: top level must be a mapping with version, created_by, seed_examples, ...")
+        problems.append(f"{where}:1: top level must be a mapping with created_by, seed_examples, ... "
+                        f"({'the file is empty' if data is None else f'got a {type(data).__name__}'})")
         return None
-    before = len(problems)
-    _duplicate_keys(node, where, problems)
-    name = path.parent.relative_to(root).as_posix()
-    kind = "knowledge" if "knowledge" in Path(name).parts or KNOWLEDGE_ONLY_KEYS & set(data) else "skill"
-    schema = KNOWLEDGE_SCHEMA if kind == "knowledge" else SKILL_SCHEMA
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data),
-                    key=lambda e: _node_at(node, list(e.absolute_path)).start_mark.line)
-    problems.extend(message for e in errors for message in _describe(e, node, where))
-    leaf = Leaf(path=path, name=name, kind=kind, data=data)
-    # Document files are checked even when other keys are wrong, so one run reports everything.
-    if kind == "knowledge" and isinstance(data.get("document"), dict) and not any(
-            list(e.absolute_path)[:1] == ["document"] for e in errors):
-        _resolve_documents(leaf, node, problems, fetch)
-    if len(problems) > before:
+    name = leaf_name(path, root)
+    leaf = Leaf(path=path, name=name, kind=leaf_kind(name, data), data=data)
+    found, document_ok = _schema_problems(data, node, where, leaf.kind)
+    found = (_lint_problems(text, where) if file_version(data) > 1 else []) + found
+    if leaf.kind == "knowledge" and document_ok:  # even when other keys are wrong: one run reports everything
+        _resolve_documents(leaf, node, found, fetch)
+    problems.extend(sorted(found, key=lambda m: int(m[len(where) + 1:].split(":", 1)[0])))  # in the file's order
+    if found:
         return None
-    with_context = [i for i, seed in enumerate(data["seed_examples"]) if "context" in seed]
-    if kind == "skill" and 0 < len(with_context) < len(data["seed_examples"]):
-        missing = next(i for i in range(len(data["seed_examples"])) if i not in with_context)
-        line = _node_at(node, ["seed_examples", missing]).start_mark.line + 1
-        problems.append(f"{where}:{line}: seed_examples.{missing} has no context while others do; "
-                        "a grounded skill needs a context in every seed example")
-        return None
-    leaf.grounded = bool(with_context) and kind == "skill"
+    # instructlab-sdg runs the grounded pipeline when the first seed has a context
+    leaf.grounded = leaf.kind == "skill" and bool(data["seed_examples"][0].get("context"))
     return leaf
 
 
@@ -263,7 +315,7 @@ def validate_taxonomy(root: str | Path, fetch: bool = False) -> tuple[list[Leaf]
         raise ConfigError(f"taxonomy folder '{root}' not found (pass the folder holding your qna.yaml files)")
     paths = sorted(root.rglob("qna.yaml"))
     problems: list[str] = []
-    for stray in sorted(root.rglob("qna.yml")):
+    for stray in sorted(p for p in root.rglob("*") if p.name.casefold() in ("qna.yml", "qna.yaml") and p.name != "qna.yaml"):
         problems.append(f"{stray}: rename to qna.yaml (InstructLab only reads that name)")
     if not paths and not problems:
         raise ConfigError(f"no qna.yaml found under '{root}'; see sdg/sample_taxonomy for the layout")
@@ -271,9 +323,10 @@ def validate_taxonomy(root: str | Path, fetch: bool = False) -> tuple[list[Leaf]
     return leaves, problems
 
 
-def load_taxonomy(root: str | Path) -> list[Leaf]:
-    """Leaves ready for generation, or one ConfigError listing every problem."""
-    leaves, problems = validate_taxonomy(root, fetch=True)
+def load_taxonomy(root: str | Path, fetch: bool = True) -> list[Leaf]:
+    """Valid leaves, or one ConfigError listing every problem; `fetch=False` leaves git document repos alone
+    (evaluation reads only the seeds)."""
+    leaves, problems = validate_taxonomy(root, fetch=fetch)
     if problems:
         raise ConfigError(f"taxonomy '{root}' has {len(problems)} problem(s):\n" + "\n".join(problems)
                           + f"\nrun: python -m sdg validate {root}")

@@ -1,7 +1,10 @@
 """The teacher: any OpenAI-compatible endpoint, asked many prompts at once, every reply cached as it arrives.
 
-Retries with exponential backoff are the openai client's own (`max_retries`); a request that still fails on a
-connection, timeout or server error stops the run with a clear error, and what already arrived stays in the cache.
+No more requests are in flight than the server computes at once (its `/props` slots, else --concurrency): a
+request queued behind others at a one-slot llama.cpp server would spend its timeout waiting, and the client's
+retry would send the same work again. Retries with exponential backoff are the openai client's own
+(`max_retries`). A request that still times out is skipped with a warning (a rerun asks it again); a connection,
+authentication or server error stops the run with a clear error. What already arrived stays in the cache.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,8 +21,8 @@ import openai
 from tqdm import tqdm
 
 from config import ConfigError
+from serve import client as server_client
 
-API_KEY_ENVS = ("MINILAB_API_KEY", "OPENAI_API_KEY")  # first one set wins; local servers need none
 # Errors that say the endpoint itself is unusable: stop instead of failing every remaining request.
 FATAL_ERRORS = (openai.APIConnectionError, openai.AuthenticationError, openai.PermissionDeniedError,
                 openai.NotFoundError, openai.RateLimitError, openai.InternalServerError)
@@ -64,8 +68,9 @@ class Teacher:
         return {"id": job["id"], "reply": (choice.message.content or "") if choice else "",
                 "finish_reason": choice.finish_reason if choice else None}
 
-    def ask(self, stage: str, jobs: list[dict], label: str = "") -> tuple[dict[str, str], Counter]:
-        """Replies by job id for every job that got one; cached jobs are not sent again.
+    def ask(self, stage: str, jobs: list[dict], label: str = "") -> tuple[dict[str, dict], Counter]:
+        """Reply records ({"reply", "finish_reason"}) by job id for every job that got one; cached jobs are not
+        sent again.
 
         jobs: dicts with id, prompt, max_tokens, temperature, seed. The cache file is one JSONL per stage.
         """
@@ -75,7 +80,7 @@ class Teacher:
         todo = [job for job in jobs if job["id"] not in cached]
         counts = Counter(requested=len(jobs), cached=len(jobs) - len(todo))
         self.counts["cached"] += counts["cached"]
-        replies = {job["id"]: cached[job["id"]]["reply"] for job in jobs if job["id"] in cached}
+        replies = {job["id"]: cached[job["id"]] for job in jobs if job["id"] in cached}
         if not todo:
             return replies, counts
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency)
@@ -88,6 +93,12 @@ class Teacher:
                     self.counts["sent"] += 1
                     try:
                         record = future.result()
+                    except openai.APITimeoutError:  # this request only: the server is alive, just slow
+                        counts["failed"] += 1
+                        self.counts["failed"] += 1
+                        bar.write(f"warning: {stage}: a request timed out after retries; a rerun asks it again "
+                                  "(or raise --timeout)")
+                        continue
                     except FATAL_ERRORS as e:
                         raise ConfigError(
                             f"teacher at {self.endpoint} failed after retries: {type(e).__name__}: {e}. "
@@ -103,7 +114,7 @@ class Teacher:
                     cache.write(json.dumps(record, ensure_ascii=False) + "\n")
                     cache.flush()
                     os.fsync(cache.fileno())
-                    replies[record["id"]] = record["reply"]
+                    replies[record["id"]] = record
                     self.counts["written"] += 1
                     if os.environ.get("MINILAB_TEST_HOOK"):  # fault tests (README, "Test hooks"); imports torch
                         from checkpoint import fault_point
@@ -116,15 +127,11 @@ class Teacher:
 
 def connect(endpoint: str, model: str | None, cache_dir: Path, concurrency: int, timeout_s: float,
             retries: int) -> Teacher:
-    api_key = next((os.environ[k] for k in API_KEY_ENVS if os.environ.get(k)), "unused")
-    client = openai.OpenAI(base_url=endpoint, api_key=api_key, timeout=timeout_s, max_retries=retries)
-    if model is None:
-        try:
-            served = client.models.list().data
-        except (openai.APIConnectionError, openai.APIStatusError) as e:
-            raise ConfigError(f"cannot reach the teacher at {endpoint} after {retries} retries ({type(e).__name__}: {e}); "
-                              "start one with `python -m serve`, or pass a working --endpoint (and --model)") from None
-        if not served:
-            raise ConfigError(f"the teacher at {endpoint} serves no model; pass --model NAME")
-        model = served[0].id
+    client, model = server_client.connect(endpoint, model, timeout_s, retries, role="teacher", verify=False)
+    slots = server_client.server_slots(endpoint)
+    if slots and slots < concurrency:
+        print(f"the teacher computes {slots} request(s) at a time (its /props): sending {slots} at once, not "
+              f"--concurrency {concurrency}, so no request waits out its timeout in the server's queue",
+              file=sys.stderr)
+        concurrency = slots
     return Teacher(client=client, model=model, endpoint=endpoint, cache_dir=cache_dir, concurrency=concurrency)

@@ -7,6 +7,7 @@ No --model = the embedded SmolLM2 GGUF. If MINILAB_API_KEY is set, every request
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -98,6 +99,40 @@ def gguf_chat_format(gguf_path: str) -> str | None:
     return "chat_template.default" if "tokenizer.chat_template" in reader.fields else None
 
 
+def with_props(app):
+    """Answer `GET /props` as llama.cpp's own server does: `total_slots` (llama-cpp-python computes one request at
+    a time) tells clients how many to send at once. It also counts the completion requests received and the most
+    ever open at once, so what a client's queueing and retries cost the server can be read from outside."""
+    props = {"total_slots": 1, "completion_requests": 0, "max_open_requests": 0}
+    open_requests = 0
+
+    async def app_with_props(scope, receive, send):
+        nonlocal open_requests
+        if scope["type"] == "http" and scope["path"] == "/props":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": json.dumps(props).encode()})
+            return
+        if scope["type"] != "http" or not scope["path"].endswith("/completions"):
+            return await app(scope, receive, send)
+        props["completion_requests"] += 1
+        open_requests += 1
+        props["max_open_requests"] = max(props["max_open_requests"], open_requests)
+        answered = False
+
+        async def send_and_count(message):  # closed once its last byte is sent: the client may ask again then
+            nonlocal open_requests, answered
+            if message["type"] == "http.response.body" and not message.get("more_body") and not answered:
+                answered, open_requests = True, open_requests - 1
+            await send(message)
+        try:
+            await app(scope, receive, send_and_count)
+        finally:
+            if not answered:
+                open_requests -= 1
+    return app_with_props
+
+
 def serve_llama_cpp(gguf_path: str, host: str, port: int, ctx: int, api_key: str | None) -> None:
     import uvicorn
     from llama_cpp.server.app import create_app
@@ -116,7 +151,8 @@ def serve_llama_cpp(gguf_path: str, host: str, port: int, ctx: int, api_key: str
         raise ConfigError(f"llama.cpp could not load '{gguf_path}' ({e}); the file may be corrupt or use an "
                           "architecture this llama.cpp build does not know; re-convert it with serve.convert") from None
     # lifespan off: the app has no startup hooks, and on Ctrl-C starlette would log a spurious CancelledError.
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(with_props(app), host=host, port=port, log_level="warning",
+                                           lifespan="off"))
     print(f"serving {gguf_path} with llama.cpp at {base_url_for(host, port)} (Ctrl-C stops)", flush=True)
     try:
         server.run(sockets=[sock])  # uvicorn finishes in-flight requests, then re-raises the Ctrl-C

@@ -6,13 +6,12 @@ Replies stream as they are generated; the conversation is kept and sent each tur
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import openai
 
 from config import ConfigError, exit_on_error
-from serve.background import API_KEY_ENV
+from serve.client import connect
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
 
@@ -25,23 +24,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
     return p.parse_args(argv)
-
-
-def connect(endpoint: str, model: str | None) -> tuple[openai.OpenAI, str]:
-    api_key = os.environ.get(API_KEY_ENV) or os.environ.get("OPENAI_API_KEY") or "none"
-    client = openai.OpenAI(base_url=endpoint, api_key=api_key, timeout=600.0, max_retries=0)
-    try:
-        models = [m.id for m in client.models.list()]
-    except openai.AuthenticationError:
-        raise ConfigError(f"{endpoint} rejected the API key; export {API_KEY_ENV}=<the server's key>") from None
-    except openai.APIConnectionError:
-        raise ConfigError(f"no server answers at {endpoint}; start one with `python -m serve` "
-                          "or pass --endpoint URL") from None
-    if model is None:
-        if not models:
-            raise ConfigError(f"{endpoint} lists no models; pass --model NAME")
-        model = models[0]
-    return client, model
 
 
 def stream_reply(client: openai.OpenAI, model: str, history: list[dict], max_tokens: int, temperature: float,
@@ -62,7 +44,7 @@ def stream_reply(client: openai.OpenAI, model: str, history: list[dict], max_tok
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    client, model = connect(args.endpoint, args.model)
+    client, model = connect(args.endpoint, args.model, timeout_s=600.0, retries=0)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     interactive = sys.stdin.isatty()

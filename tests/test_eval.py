@@ -37,7 +37,7 @@ DEV_ROWS = [
     ("What is 3 plus 4?", ["6", "7", "8", "9"], 1, "elementary_mathematics"),
     ("How many minutes are in an hour?", ["30", "50", "60", "100"], 2, "elementary_mathematics"),
 ]
-KNOWLEDGE_QNA = """
+KNOWLEDGE_QNA = """\
 version: 3
 domain: astronomy
 created_by: tester
@@ -58,10 +58,34 @@ seed_examples:
         answer: Mars
       - question: What kind of minerals color Mars?
         answer: Iron minerals
+  - context: Jupiter is the largest planet of the Solar System, and its Great Red Spot is a storm bigger than Earth.
+    questions_and_answers:
+      - question: Which planet is the largest in the Solar System?
+        answer: Jupiter
+      - question: What is the Great Red Spot?
+        answer: A storm bigger than Earth
+      - question: Where is the Great Red Spot?
+        answer: On Jupiter
+  - context: Saturn has the most prominent rings of any planet, made mostly of ice and rock.
+    questions_and_answers:
+      - question: Which planet has the most prominent rings?
+        answer: Saturn
+      - question: What are Saturn's rings mostly made of?
+        answer: Ice and rock
+      - question: What is Saturn best known for?
+        answer: Its prominent rings
+  - context: Venus is the hottest planet because its thick carbon dioxide atmosphere traps heat.
+    questions_and_answers:
+      - question: Which planet is the hottest?
+        answer: Venus
+      - question: Why is Venus so hot?
+        answer: Its thick carbon dioxide atmosphere traps heat
+      - question: What is the atmosphere of Venus mostly made of?
+        answer: Carbon dioxide
 document_outline: A few facts about the Moon and Mars
 document: {repo: "https://example.invalid/notes", commit: abc123, patterns: ["*.md"]}
 """
-SKILL_QNA = """
+SKILL_QNA = """\
 version: 3
 task_description: Write a haiku
 created_by: tester
@@ -70,6 +94,12 @@ seed_examples:
     answer: "Soft rain on the roof\\nthe gutters hum a low song\\nnight drinks the garden"
   - question: Write a haiku about snow.
     answer: "White hush on the road\\nfootprints fill before morning\\nthe street forgets us"
+  - question: Write a haiku about wind.
+    answer: "The wind finds the door\\nit rattles the latch and leaves\\nleaves in the hallway"
+  - question: Write a haiku about fog.
+    answer: "Fog eats the harbor\\nthe foghorn calls to no one\\nboats wait in the grey"
+  - question: Write a haiku about the sun.
+    answer: "Morning sun on stone\\nthe cat moves with the warm patch\\nall day, inch by inch"
 """
 
 
@@ -215,14 +245,15 @@ def test_bad_mmlu_input_names_file_line_and_fix(tmp_path, mmlu_dir):
 
 def test_base_comparison_taxonomy_questions_and_plot(tiny, tokenizer, taxonomy, tmp_path):
     from eval import mmlu
-    from eval.taxonomy import knowledge_mmlu_rows, read_leaves
+    from eval.taxonomy import knowledge_mmlu_rows
+    from sdg.taxonomy import load_taxonomy, qa_pairs
 
-    leaves = read_leaves(str(taxonomy))
-    assert [leaf["kind"] for leaf in leaves] == ["skill", "knowledge"]
+    leaves = load_taxonomy(taxonomy, fetch=False)
+    assert [leaf.kind for leaf in leaves] == ["skill", "knowledge"]
     rows = knowledge_mmlu_rows(leaves, seed=3)
-    assert rows == knowledge_mmlu_rows(read_leaves(str(taxonomy)), seed=3)  # deterministic
-    qa = leaves[1]["qa"]
-    assert len(rows) == 6 and all(r["choices"][r["answer"]] == a["answer"] for r, a in zip(rows, qa))
+    assert rows == knowledge_mmlu_rows(load_taxonomy(taxonomy, fetch=False), seed=3)  # deterministic
+    qa = qa_pairs(leaves[1])
+    assert len(rows) == 15 and all(r["choices"][r["answer"]] == a["answer"] for r, a in zip(rows, qa))
     assert all(len(set(r["choices"])) == 4 for r in rows)
 
     base = tiny_model(tmp_path / "base", tokenizer, seed=1)
@@ -230,7 +261,7 @@ def test_base_comparison_taxonomy_questions_and_plot(tiny, tokenizer, taxonomy, 
     result = mmlu.main(["--model", tiny, "--base-model", base, "--taxonomy", str(taxonomy), "--few-shots", "1",
                         "--output", str(out), "--plot", str(png)])
     subject = "knowledge_science_planets"
-    assert result["subjects"][subject]["n"] == 5 and result["base"]["subjects"][subject]["n"] == 5
+    assert result["subjects"][subject]["n"] == 14 and result["base"]["subjects"][subject]["n"] == 14
     delta = result["comparison"]["delta"]["overall"]
     assert delta == pytest.approx(result["overall"] - result["base"]["overall"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "candidate" in out.with_suffix(".md").read_text()
@@ -263,7 +294,7 @@ def test_endpoint_mmlu_end_to_end(server_url, mmlu_dir, tmp_path):
     assert result["questions"] == 2 and result["endpoint"] == server_url
     assert set(result["subjects"]) == {"astronomy", "elementary_mathematics"}
     assert json.loads((tmp_path / "ep.json").read_text())["overall"] == result["overall"]
-    with pytest.raises(ConfigError, match="did not answer"):
+    with pytest.raises(ConfigError, match="cannot reach the model at"):
         from serve.background import free_port
 
         mmlu.main(["--endpoint", f"http://127.0.0.1:{free_port()}/v1", "--data-dir", str(mmlu_dir), "--few-shots", "0"])
@@ -307,6 +338,34 @@ def test_mt_bench_with_embedded_model_as_model_and_judge(server_url, taxonomy, t
     assert compared["records"][0]["reference"] == ["Soft rain on the roof\nthe gutters hum a low song\nnight drinks the garden"]
     assert compared["records"][0]["judgments"][0]["prompt"] == "single-math-v1"
     assert compared["base"]["judgments"] == 1 and "comparison" in compared
+
+
+@pytest.mark.slow
+def test_mt_bench_killed_mid_run_resumes_from_its_cache(server_url, tmp_path):
+    """One question, two turns: 2 answers and 2 judgments. Killed after the 2nd reply reaches the cache, the rerun
+    asks the server only the 2 judgments (counted by the server itself) and keeps the cached answers."""
+    import urllib.request
+
+    def served():
+        props = urllib.request.urlopen(server_url.removesuffix("/v1") + "/props", timeout=10).read()
+        return json.loads(props)["completion_requests"]
+
+    out = tmp_path / "mt.json"
+    args = [sys.executable, "-m", "eval.mt_bench", "--model-endpoint", server_url, "--judge-endpoint", server_url,
+            "--question-file", str(MT_BENCH / "question.jsonl"), "--reference-answers",
+            str(MT_BENCH / "reference_answer_gpt-4.jsonl"), "--limit", "1", "--max-tokens", "16",
+            "--judge-max-tokens", "16", "--output", str(out)]
+    killed = subprocess.run(args, cwd=REPO, env={**ENV, "MINILAB_TEST_HOOK": "after_request=2:kill"},
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    cached = [json.loads(line) for line in (tmp_path / "mt.cache.jsonl").read_text().splitlines()]
+    assert len(cached) == 2 and not out.exists()  # both answer turns, no result that looks complete
+    before = served()
+    done = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert served() - before == 2  # the two judgments only
+    record = json.loads(out.read_text())["records"][0]
+    assert record["answers"] == [c["reply"] for c in cached] and len(record["judgments"]) == 2
 
 
 def test_mt_bench_bad_input(tmp_path):

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from sdg.generate import chunk_document
 from sdg.heldout import record_hash
 from sdg.mix import message_problem, mix
 from sdg.parse import (deduplicate, normalize, parse_answer, parse_context, parse_qa_pair, parse_question,
-                       parse_score)
+                       parse_score, reaches_cut)
 from sdg.taxonomy import load_taxonomy, validate_taxonomy
 from sdg.teacher import load_cache
 
@@ -82,9 +83,11 @@ def test_validate_reports_every_problem_with_file_and_line(tmp_path):
         f"      - question: q{i}{j}\n        answer: a{j}\n" for j in range(3)) for i in range(5))
     write(tmp_path / "knowledge/nofolder/qna.yaml", "version: 3\ncreated_by: me\ndomain: d\ndocument_outline: o\n"
           f"seed_examples:\n{seeds}document:\n  repo: missing_docs\n  patterns: ['*.md']\n")
-    write(tmp_path / "knowledge/nomatch/qna.yaml", "version: 2\ncreated_by: me\ndomain: d\ndocument_outline: o\n"
+    write(tmp_path / "knowledge/nomatch/qna.yaml", "version: 3\ncreated_by: me\ndomain: d\ndocument_outline: o\n"
           f"seed_examples:\n{seeds}document:\n  repo: docs\n  patterns:\n    - '*.md'\n")
     write(tmp_path / "knowledge/nomatch/docs/notes.txt", "plain text, not markdown")
+    write(tmp_path / "knowledge/old/qna.yaml", "version: 2\ncreated_by: me\ndomain: d\ndocument_outline: o\n"
+          f"seed_examples:\n{seeds}document:\n  repo: docs\n  patterns: ['*.md']\n")
 
     r = sdg("validate", tmp_path, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -99,7 +102,7 @@ def test_validate_reports_every_problem_with_file_and_line(tmp_path):
         f"{tmp_path}/skills/broken/qna.yaml:4: invalid YAML",
         f"{tmp_path}/skills/dup/qna.yaml:15: duplicate key 'answer'",
         f"{tmp_path}/knowledge/nofolder/qna.yaml:47: document.repo folder {tmp_path}/knowledge/nofolder/missing_docs does not exist",
-        f"{tmp_path}/knowledge/nomatch/qna.yaml:1: version must be 3",
+        f"{tmp_path}/knowledge/old/qna.yaml:1: Version 2 is not supported for knowledge. Minimum supported version is 3.",
         f"{tmp_path}/knowledge/nomatch/qna.yaml:49: pattern '*.md' matches no file in {tmp_path}/knowledge/nomatch/docs; files there: notes.txt",
     ]
     for line in expected:
@@ -109,13 +112,16 @@ def test_validate_reports_every_problem_with_file_and_line(tmp_path):
         load_taxonomy(tmp_path)
 
 
-def test_grounded_skill_needs_context_in_every_seed(tmp_path):
-    seeds = "".join(SEED.format(i=i) if i == 3 else
-                    f"  - context: notes {i}\n" + SEED.format(i=i).replace("  - question", "    question") for i in range(5))
-    write(tmp_path / "g/qna.yaml", f"version: 3\ncreated_by: me\ntask_description: t\nseed_examples:\n{seeds}")
+def test_grounded_is_decided_by_the_first_seed_as_in_instructlab(tmp_path):
+    """InstructLab's schema makes `context` optional in each seed; instructlab-sdg runs the grounded pipeline when
+    the first seed has one. A seed without context is no error."""
+    def seeds(without):
+        return "".join(SEED.format(i=i) if i == without else
+                       f"  - context: notes {i}\n" + SEED.format(i=i).replace("  - question", "    question") for i in range(5))
+    write(tmp_path / "g/qna.yaml", f"version: 3\ncreated_by: me\ntask_description: t\nseed_examples:\n{seeds(3)}")
+    write(tmp_path / "f/qna.yaml", f"version: 3\ncreated_by: me\ntask_description: t\nseed_examples:\n{seeds(0)}")
     leaves, problems = validate_taxonomy(tmp_path)
-    assert leaves == [] and len(problems) == 1
-    assert problems[0].startswith(f"{tmp_path}/g/qna.yaml:14: seed_examples.3 has no context"), problems
+    assert problems == [] and {leaf.name: leaf.grounded for leaf in leaves} == {"f": False, "g": True}
 
 
 def test_git_options_in_document_repo_or_commit_are_refused_before_git_runs(tmp_path):
@@ -182,6 +188,18 @@ def test_parse_answers_pairs_scores_contexts():
                          ("Give a score from 1 (useless or wrong) to 5 (correct and helpful).\nScore: 4", 4),
                          ("from 1 to 5, I would say 3", 3), ("Score: 2. On reflection, Score: 5", 5)]:
         assert parse_score(reply) == score, reply
+
+
+def test_a_reply_cut_at_max_tokens_is_kept_only_where_the_cut_falls_after_the_text_kept():
+    cut_answer = "Question: What feeds a starter?\nAnswer: Flour and water, given every day at the same"
+    assert reaches_cut(cut_answer, parse_qa_pair(cut_answer))  # the answer stops mid-sentence: dropped
+    whole_pair = "Question: What feeds a starter?\nAnswer: Flour and water.\nQuestion: How warm should it"
+    assert parse_qa_pair(whole_pair) == ("What feeds a starter?", "Flour and water.")
+    assert not reaches_cut(whole_pair, parse_qa_pair(whole_pair))  # the model rambled on after a whole pair
+    rambling = "How do I thank a colleague for covering my shift?\nAnswer: You could say that you"
+    assert not reaches_cut(rambling, parse_question(rambling))
+    assert reaches_cut("Dear Tom, thank you **so much** for", parse_answer("Dear Tom, thank you **so much** for"))
+    assert not reaches_cut("Score: 4 because the answer", parse_score("Score: 4 because the answer"))
 
 
 def test_deduplicate_exact_then_near():
@@ -261,13 +279,20 @@ def teacher_url():
         yield url
 
 
+def server_props(url):
+    """What `python -m serve` counts: completion requests received, the most open at once, its slots."""
+    return json.loads(urllib.request.urlopen(url.removesuffix("/v1") + "/props", timeout=10).read())
+
+
 @pytest.fixture(scope="module")
 def generated(teacher_url, tmp_path_factory):
     out = tmp_path_factory.mktemp("sdg_out")
+    before = server_props(teacher_url)
     r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", out, "--num-instructions", 3, "--endpoint", teacher_url,
-            "--concurrency", 2, "--judge-threshold", 1, *FAST, timeout=600)  # four leaves
+            "--concurrency", 4, "--judge-threshold", 1, *FAST, timeout=600)  # four leaves
     assert r.returncode == 0, r.stderr[-3000:]
-    return out, r
+    after = server_props(teacher_url)
+    return out, r, {"completion_requests": after["completion_requests"] - before["completion_requests"], "props": after}
 
 
 def check_sample(row, leaves):
@@ -283,7 +308,7 @@ def check_sample(row, leaves):
 
 
 def test_generate_counts_are_consistent_and_output_valid(generated):
-    out, r = generated
+    out, r, server = generated
     stats = json.loads((out / "stats.json").read_text())
     leaves = {leaf.name: leaf for leaf in load_taxonomy(SAMPLE)}
     assert set(stats["leaves"]) == set(leaves)
@@ -298,7 +323,7 @@ def test_generate_counts_are_consistent_and_output_valid(generated):
             assert stages[later]["requested"] == stages[earlier].get("parsed", 0)  # every parsed reply moves on
         for stage in pipeline_stages:
             counts = stages[stage]
-            assert counts.get("parsed", 0) + counts.get("unparsable", 0) + counts.get("failed", 0) == counts["requested"]
+            assert sum(counts.get(k, 0) for k in ("parsed", "unparsable", "truncated", "failed")) == counts["requested"]
             sent += counts["requested"] - counts["cached"]
         judge = stages["judge"]
         assert judge["kept"] + judge["rejected"] == judge.get("parsed", 0)
@@ -310,6 +335,9 @@ def test_generate_counts_are_consistent_and_output_valid(generated):
                                                           "multiple_choice"))
         assert sum(row["metadata"]["leaf"] == name for row in train) == dedup["kept"] + own == leaf_stats["samples"]
     assert stats["requests"].get("sent", 0) == sent and stats["requests"].get("cached", 0) == 0
+    # the one-slot server got each request once and never more than one at a time, though --concurrency is 4
+    assert server["props"]["total_slots"] == 1 and "sending 1 at once, not --concurrency 4" in r.stderr
+    assert server["completion_requests"] == sent and server["props"]["max_open_requests"] == 1
     assert len(cache_ids(out)) == len(set(cache_ids(out))) == sent
     for row in train:
         check_sample(row, leaves)
@@ -329,7 +357,7 @@ def test_generate_counts_are_consistent_and_output_valid(generated):
 
 
 def test_rerun_reuses_the_cache_and_yields_samples(generated, teacher_url, tmp_path, embedded_dir):
-    out, _ = generated
+    out, _, _ = generated
     rerun = tmp_path / "rerun"
     shutil.copytree(out, rerun)
     r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", rerun, "--num-instructions", 3, "--endpoint", teacher_url,
@@ -357,7 +385,8 @@ def test_kill_and_rerun_resumes_without_redoing_work(teacher_url, tmp_path):
     shutil.copytree(SAMPLE / "compositional_skills/writing", taxonomy / "compositional_skills/writing")
     out = tmp_path / "out"
     args = [sys.executable, "-m", "sdg", "generate", "--taxonomy", str(taxonomy), "--output-dir", str(out),
-            "--num-instructions", "3", "--endpoint", teacher_url, "--concurrency", "1", "--judge-threshold", "0", *FAST]
+            "--num-instructions", "3", "--endpoint", teacher_url, "--concurrency", "4", "--judge-threshold", "0", *FAST]
+    before = server_props(teacher_url)["completion_requests"]
     # killed by the test hook right after its 2nd reply reaches the cache: the same point on any machine
     killed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "MINILAB_TEST_HOOK": "after_request=2:kill"})
@@ -373,13 +402,17 @@ def test_kill_and_rerun_resumes_without_redoing_work(teacher_url, tmp_path):
     stages = stats["leaves"]["compositional_skills/writing/thank_you_notes"]["stages"]
     assert stats["requests"]["cached"] + stats["requests"].get("sent", 0) == sum(
         s["requested"] for k, s in stages.items() if k in ("questions", "answers"))
+    # the server computed every request once, but for the one in flight when the kill came (one slot, one sent)
+    computed = server_props(teacher_url)["completion_requests"] - before
+    assert stats["requests"]["cached"] + stats["requests"]["sent"] <= computed <= stats["requests"]["cached"] + \
+        stats["requests"]["sent"] + 1
     rows = read_jsonl(out / "train.jsonl")  # the generated pairs kept, plus the leaf's own training seeds
     assert sum(r["metadata"]["pipeline"] == "skills" for r in rows) == stages["dedup"]["kept"]
     assert len(rows) == stages["dedup"]["kept"] + stages["taxonomy"]["seed_pairs"]
 
 
 def test_endpoint_down_is_a_clear_error_and_keeps_work(generated, tmp_path):
-    out, _ = generated
+    out, _, _ = generated
     dead = f"http://127.0.0.1:{closed_port()}/v1"
     r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", tmp_path / "fresh", "--endpoint", dead,
             "--retries", "1", "--timeout", "5", timeout=120)
