@@ -28,7 +28,8 @@ from eval.mt_bench import read_jsonl as eval_read_jsonl
 
 # Every generate/evaluate key pipeline.sh reads, with the value used when the profile leaves it out.
 SETTINGS = {
-    "generate": {"num_instructions": 5, "concurrency": 2, "max_tokens": 128, "judge_threshold": 0},
+    "generate": {"num_instructions": 5, "concurrency": 2, "max_tokens": 128, "judge_threshold": 0,
+                 "endpoint": "", "model": ""},  # teacher; "" = the embedded model, served for the stage
     "evaluate": {"few_shots": 0, "batch_size": 4, "max_tokens": 128, "judge_max_tokens": 256, "mmlu_limit": 0,
                  "mt_bench_limit": 0, "chat_max_tokens": 128, "heldout_max_tokens": 32, "phased": False},
 }
@@ -64,6 +65,8 @@ def settings(profile: str, sets: list[str]) -> dict[str, dict]:
 
 
 def coerce(value, default, key: str, problems: list[str]):
+    if isinstance(default, str):  # a URL or a model name, taken as written
+        return "" if value is None else str(value)
     parsed = yaml.safe_load(value) if isinstance(value, str) else value
     if isinstance(default, bool):
         if not isinstance(parsed, bool):
@@ -303,7 +306,7 @@ def main(argv=None) -> None:
     s.add_argument("url")
     s.add_argument("pid", type=int)
     s.add_argument("log")
-    s.add_argument("--timeout", type=float, default=300.0)
+    s.add_argument("--timeout", type=float, default=1800.0)  # vLLM may load for many minutes; a dead server fails at once
     s.set_defaults(run=wait_server)
     s = sub.add_parser("checkpoints")
     s.add_argument("ckpt_dir")

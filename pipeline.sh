@@ -82,10 +82,10 @@ begin() {
 finish() { date -u +%FT%TZ > "$OUT/.done/$1"; echo "== $1 done in $((SECONDS - STAGE_START))s"; }
 
 SERVER_PIDS=()
-start_server() {  # MODEL ('' = embedded) LOG -> sets SERVER_URL
+start_server() {  # MODEL ('' = embedded) LOG CONTEXT_TOKENS -> sets SERVER_URL
   local port cmd
   port=$(python -c 'from serve.background import free_port; print(free_port())')
-  cmd=(python -m serve --host 127.0.0.1 --port "$port")
+  cmd=(python -m serve --host 127.0.0.1 --port "$port" --ctx "$3")
   [[ -n $1 ]] && cmd+=(--model "$1")
   show "${cmd[@]}"; echo "  (in the background, log: $2)"
   "${cmd[@]}" >"$2" 2>&1 &
@@ -97,7 +97,8 @@ stop_servers() {
   local pid
   for pid in ${SERVER_PIDS[@]+"${SERVER_PIDS[@]}"}; do
     kill -INT "$pid" 2>/dev/null || continue
-    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    # 45 s: serve gives vLLM 30 s to stop after Ctrl-C, and killing the wrapper first would orphan it
+    for _ in $(seq 90); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     kill -KILL "$pid" 2>/dev/null || true
   done
   SERVER_PIDS=()
@@ -105,7 +106,13 @@ stop_servers() {
 trap stop_servers EXIT
 trap 'exit 130' INT TERM
 
-base_server_model() { [[ $MODEL == embedded* ]] && echo "" || echo "$MODEL"; }
+# The base model served as the trained one is, an HF folder converted by serve.convert: MT-Bench then compares
+# training, not the embedded Q4_1 file against an F16 one.
+base_server_model() {
+  python -c 'import sys; from model import resolve_model_path; print(resolve_model_path(sys.argv[1]))' "$MODEL"
+}
+# Context for MT-Bench: the multi-turn judge prompt holds both questions, both answers and both references.
+MT_BENCH_CTX=$((4 * EVALUATE_MAX_TOKENS + EVALUATE_JUDGE_MAX_TOKENS + 1536))
 
 # Train configs first: a bad profile or key combination stops the run before anything slow starts.
 for phase in "${PHASES[@]}"; do
@@ -126,9 +133,12 @@ if begin validate; then
 fi
 
 if begin generate; then
+  teacher=()
+  [[ -n $GENERATE_ENDPOINT ]] && teacher+=(--endpoint "$GENERATE_ENDPOINT")
+  [[ -n $GENERATE_MODEL ]] && teacher+=(--model "$GENERATE_MODEL")
   run python -m sdg generate --taxonomy "$TAXONOMY" --output-dir "$GEN" \
     --num-instructions "$GENERATE_NUM_INSTRUCTIONS" --concurrency "$GENERATE_CONCURRENCY" \
-    --max-tokens "$GENERATE_MAX_TOKENS" --judge-threshold "$GENERATE_JUDGE_THRESHOLD"
+    --max-tokens "$GENERATE_MAX_TOKENS" --judge-threshold "$GENERATE_JUDGE_THRESHOLD" ${teacher[@]+"${teacher[@]}"}
   finish generate
 fi
 
@@ -190,9 +200,9 @@ if [[ $PHASED == true ]] && begin phase2; then
   train_phase phase2
   mkdir -p "$OUT/phase2/eval"
   JUDGE_URL=$JUDGE_ENDPOINT
-  [[ -z $JUDGE_URL ]] && { start_server "$(base_server_model)" "$OUT/phase2/eval/judge.log"; JUDGE_URL=$SERVER_URL; }
+  [[ -z $JUDGE_URL ]] && { start_server "$(base_server_model)" "$OUT/phase2/eval/judge.log" "$MT_BENCH_CTX"; JUDGE_URL=$SERVER_URL; }
   for ckpt in $(python phases.py checkpoints "$OUT/phase2/checkpoints"); do
-    start_server "$ckpt" "$OUT/phase2/eval/$(basename "$ckpt").log"
+    start_server "$ckpt" "$OUT/phase2/eval/$(basename "$ckpt").log" "$MT_BENCH_CTX"
     run python -m eval.mt_bench --model-endpoint "$SERVER_URL" --judge-endpoint "$JUDGE_URL" --taxonomy "$TAXONOMY" \
       $(limit "$EVALUATE_MT_BENCH_LIMIT") --max-tokens "$EVALUATE_MAX_TOKENS" \
       --judge-max-tokens "$EVALUATE_JUDGE_MAX_TOKENS" --output "$OUT/phase2/eval/$(basename "$ckpt").json"
@@ -232,8 +242,8 @@ fi
 
 if begin mtbench; then
   [[ -f $OUT/model.gguf ]] || die "$OUT/model.gguf is missing; run the convert stage first"
-  start_server "$(base_server_model)" "$EVAL/base_server.log"; BASE_URL=$SERVER_URL
-  start_server "$OUT/model.gguf" "$EVAL/trained_server.log"
+  start_server "$(base_server_model)" "$EVAL/base_server.log" "$MT_BENCH_CTX"; BASE_URL=$SERVER_URL
+  start_server "$OUT/model.gguf" "$EVAL/trained_server.log" "$MT_BENCH_CTX"
   # Without --judge-endpoint the base model judges: the only model at hand offline, and a weak judge.
   run python -m eval.mt_bench --model-endpoint "$SERVER_URL" --base-endpoint "$BASE_URL" \
     --judge-endpoint "${JUDGE_ENDPOINT:-$BASE_URL}" \
@@ -245,7 +255,7 @@ fi
 
 if begin chat; then
   [[ -f $OUT/model.gguf ]] || die "$OUT/model.gguf is missing; run the convert stage first"
-  start_server "$OUT/model.gguf" "$OUT/chat_server.log"
+  start_server "$OUT/model.gguf" "$OUT/chat_server.log" $((EVALUATE_CHAT_MAX_TOKENS + 1024))
   question=$(python phases.py question "$GEN/test.jsonl")
   echo "you> $question"
   show python -m serve.chat --endpoint "$SERVER_URL" --temperature 0 --max-tokens "$EVALUATE_CHAT_MAX_TOKENS"

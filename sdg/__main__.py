@@ -61,14 +61,15 @@ def check_generate_args(args):
         raise ConfigError("--max-tokens must be >= 8 and --chunk-words >= 20")
 
 
-def teacher_endpoint(endpoint: str | None):
-    """The given endpoint, or the embedded model started through serve/ for the length of the run."""
+def teacher_endpoint(endpoint: str | None, max_tokens: int):
+    """The given endpoint, or the embedded model started through serve/ for the length of the run, with a
+    context for the longest prompt (a document chunk and a seed's context with its questions) plus the reply."""
     if endpoint:
         return contextlib.nullcontext(endpoint)
     from serve.background import running_server
 
     print("no --endpoint: starting the embedded SmolLM2 teacher (python -m serve) on loopback", file=sys.stderr)
-    return running_server()
+    return running_server(ctx=max(2048, 1536 + max_tokens))
 
 
 def run_generate(args):
@@ -84,7 +85,7 @@ def run_generate(args):
                         system_prompt=args.system_prompt)
     output_dir = Path(args.output_dir)
     prompts_dir = Path(args.prompts_dir) if args.prompts_dir else PROMPTS_DIR
-    with teacher_endpoint(args.endpoint) as endpoint:
+    with teacher_endpoint(args.endpoint, args.max_tokens) as endpoint:
         teacher = connect(endpoint, args.model, output_dir / "cache", args.concurrency, args.timeout, args.retries)
         try:
             summary = generate(leaves, teacher, output_dir, settings, prompts_dir)

@@ -128,9 +128,9 @@ def _judge(teacher, leaf, templates, settings, stats, pairs: list[dict], templat
     if settings.judge_threshold <= 0:
         return pairs
     stage = Stage(teacher, leaf, "judge", stats)
-    for i, pair in enumerate(pairs):
+    for pair in pairs:
         prompt = render(templates, template, question=pair["question"], answer=pair["answer"], **extra(pair))
-        stage.add(prompt, max_tokens=16, temperature=0.0, index=i, payload=pair)
+        stage.add(prompt, max_tokens=16, temperature=0.0, index=pair["origin"], payload=pair)
     kept = []
     for pair, score in stage.run(parse_score):
         pair["score"] = score
@@ -151,24 +151,28 @@ def skill_pairs(teacher, leaf, templates, settings, stats) -> list[dict]:
         for i in range(n):
             examples = [s["context"] for s in _pick(grounded, min(k, 2), leaf, i)]
             contexts.add(render(templates, "grounded_context", task_description=task, examples=examples),
-                         settings.max_tokens, settings.temperature, i)
+                         settings.max_tokens, settings.temperature, i, payload=i)
         questions = Stage(teacher, leaf, "questions", stats)
-        for i, (_, context) in enumerate(contexts.run(parse_context)):
-            example = _pick(grounded, 1, leaf, i)[0]
+        # each later request is numbered by the first one it came from, not by its place among the replies that
+        # parsed: a request that failed once and later succeeds shifts no other prompt, so the cache still hits
+        for origin, context in contexts.run(parse_context):
+            example = _pick(grounded, 1, leaf, origin)[0]
             questions.add(render(templates, "grounded_question", task_description=task, context=context,
                                  example_context=example["context"], example_question=example["question"]),
-                          64, settings.temperature, i, payload=context)
+                          64, settings.temperature, origin, payload={"origin": origin, "context": context})
     else:
         questions = Stage(teacher, leaf, "questions", stats)
         for i in range(n):
             examples = [s["question"] for s in _pick(seeds, k, leaf, i)]
             questions.add(render(templates, "skill_question", task_description=task, examples=examples),
-                          64, settings.temperature, i)
+                          64, settings.temperature, i, payload={"origin": i, "context": None})
     answers = Stage(teacher, leaf, "answers", stats)
-    for i, (context, question) in enumerate(questions.run(parse_question)):
-        prompt = render(templates, "answer", task_description=task, examples=_pick(seeds, min(k, 2), leaf, i),
+    for asked, question in questions.run(parse_question):
+        origin, context = asked["origin"], asked["context"]
+        prompt = render(templates, "answer", task_description=task, examples=_pick(seeds, min(k, 2), leaf, origin),
                         question=question, context=context)
-        answers.add(prompt, settings.max_tokens, settings.temperature, i, payload={"question": question, "context": context})
+        answers.add(prompt, settings.max_tokens, settings.temperature, origin,
+                    payload={"origin": origin, "question": question, "context": context})
     pairs = [dict(payload, answer=answer) for payload, answer in answers.run(parse_answer)]
     return _judge(teacher, leaf, templates, settings, stats, pairs, "judge_answer",
                   lambda pair: {"task_description": task, "context": pair["context"]})
@@ -186,8 +190,9 @@ def knowledge_pairs(teacher, leaf, templates, settings, stats) -> list[dict]:
         seed = seeds[i % len(seeds)]
         prompt = render(templates, "knowledge_qa", domain=leaf.data["domain"], document_outline=leaf.data["document_outline"],
                         example_context=seed["context"], example_qas=seed["questions_and_answers"], chunk=chunk)
-        stage.add(prompt, settings.max_tokens, settings.temperature, i, payload=chunk)
-    pairs = [{"question": q, "answer": a, "context": None, "chunk": chunk} for chunk, (q, a) in stage.run(parse_qa_pair)]
+        stage.add(prompt, settings.max_tokens, settings.temperature, i, payload=(i, chunk))
+    pairs = [{"question": q, "answer": a, "context": None, "chunk": chunk, "origin": origin}
+             for (origin, chunk), (q, a) in stage.run(parse_qa_pair)]
     return _judge(teacher, leaf, templates, settings, stats, pairs, "judge_faithful", lambda pair: {"chunk": pair["chunk"]})
 
 

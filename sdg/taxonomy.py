@@ -216,23 +216,34 @@ def git_problems(repo: str, commit) -> dict[str, str]:
 
 
 def fetch_git_repo(repo: str, commit: str | None) -> Path:
-    """Clone (once, cached) and check out `commit`; needs git and network."""
+    """A checkout of `commit` (default: the remote's default branch as first cloned), cached: one clone per URL,
+    one worktree per commit, so two leaves pinning different commits of one repo each read their own files. A
+    commit the clone does not have yet is fetched. Needs git, and the network for remote URLs."""
     problems = git_problems(repo, commit)
     if problems:
         raise ConfigError("; ".join(problems.values()))
-    dest = cache_dir() / "sdg" / "repos" / hashlib.sha1(repo.encode()).hexdigest()[:16]
+    root = cache_dir() / "sdg" / "repos" / hashlib.sha1(repo.encode()).hexdigest()[:16]
+    clone, tree = root / "clone", root / "commits" / (commit or "default")
+
+    def git(*args, timeout=600, check=True):  # git_problems refused values starting with '-'
+        return subprocess.run(["git", "-C", str(clone), *args], check=check, capture_output=True, timeout=timeout)
     try:
-        if not (dest / ".git").exists():
-            subprocess.run(["git", "clone", "--quiet", "--", repo, str(dest)], check=True, capture_output=True,
+        if not (clone / ".git").exists():
+            root.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["git", "clone", "--quiet", "--", repo, str(clone)], check=True, capture_output=True,
                            timeout=600)
-        if commit:  # checks out a revision only (before `--`); git_problems refused a leading '-'
-            subprocess.run(["git", "-C", str(dest), "checkout", "--quiet", "--detach", str(commit), "--"],
-                           check=True, capture_output=True, timeout=60)
+        if not commit:
+            return clone
+        if not tree.exists():
+            known = git("rev-parse", "--quiet", "--verify", f"{commit}^{{commit}}", check=False).returncode == 0
+            if not known:  # pinned after the first clone
+                git("fetch", "--quiet", "--tags", "origin")
+            git("worktree", "add", "--quiet", "--detach", str(tree), str(commit), timeout=120)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError) as e:
         detail = getattr(e, "stderr", b"") or b""
         raise ConfigError(f"cannot fetch document repo {repo} at {commit}: {detail.decode(errors='replace').strip() or e}; "
                           "check the URL and commit, or point 'repo' at a local folder") from None
-    return dest
+    return tree
 
 
 def _resolve_documents(leaf: Leaf, root_node, problems: list[str], fetch: bool):

@@ -42,7 +42,7 @@ def pipeline(*args, cwd=ROOT):
 
 def servers_started(stderr):
     """(port, model) of every server the pipeline printed the command of."""
-    return re.findall(r"^\+ python -m serve --host 127\.0\.0\.1 --port (\d+)(?: --model (\S+))?$", stderr, re.M)
+    return re.findall(r"^\+ python -m serve --host 127\.0\.0\.1 --port (\d+) --ctx \d+(?: --model (\S+))?$", stderr, re.M)
 
 
 def assert_stopped(servers):
@@ -127,11 +127,14 @@ def test_summary_deltas_match_eval_files(run):
     assert "== minilab pipeline summary ==" in result.stdout
 
 
-def test_every_server_started_is_stopped(run):
+def test_every_server_started_is_stopped(run, embedded_dir):
     out, result = run
     servers = servers_started(result.stderr)
     gguf = str(out / "model.gguf")
-    assert [model for _, model in servers] == ["", gguf, gguf]  # MT-Bench: base and trained; then the chat
+    # MT-Bench: the base as an HF folder, converted as the trained one was (not the Q4_1 file), and the trained
+    # model; then the chat. Contexts sized for the stage: 4 answer turns of 24 tokens + a 48-token judgment + 1536
+    assert [model for _, model in servers] == [embedded_dir, gguf, gguf]
+    assert re.findall(r"--ctx (\d+)", result.stderr) == ["1680", "1680", str(16 + 1024)]
     assert_stopped(servers)
 
 
@@ -178,6 +181,16 @@ def test_phased_training_carries_the_best_phase1_checkpoint(run, tmp_path, tiny_
     assert [model for _, model in servers] == [tiny_model_dir, *(str(final.parent / n) for n in
                                                                  ("samples_1", "samples_2"))]
     assert_stopped(servers)
+
+
+def test_the_profiles_teacher_reaches_sdg_generate(tmp_path):
+    from serve.background import free_port
+    teacher = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: the run must fail asking this teacher
+    result = pipeline("--output-dir", str(tmp_path), *TINY, "--set", f"generate.endpoint={teacher}",
+                      "--set", "generate.model=my-teacher", "--only", "validate,generate")
+    assert f" --endpoint {teacher} --model my-teacher" in result.stderr
+    assert result.returncode == 2 and f"error: teacher at {teacher} failed after retries" in result.stderr
+    assert "starting the embedded SmolLM2 teacher" not in result.stderr
 
 
 def test_bad_settings_are_rejected_at_start_with_every_problem(tmp_path):

@@ -146,6 +146,31 @@ def test_git_options_in_document_repo_or_commit_are_refused_before_git_runs(tmp_
     assert not marker.exists()
 
 
+def test_each_pinned_commit_gets_its_own_checkout_and_a_newer_one_is_fetched(tmp_path, monkeypatch):
+    from sdg.taxonomy import fetch_git_repo
+    monkeypatch.setenv("MINILAB_CACHE", str(tmp_path / "cache"))
+    origin = tmp_path / "docs"
+    origin.mkdir()
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(origin), *args], check=True, capture_output=True, text=True).stdout
+
+    def commit(text):
+        (origin / "doc.md").write_text(text)
+        git("add", "doc.md")
+        git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "--quiet", "-m", text)
+        return git("rev-parse", "HEAD").strip()
+    git("init", "--quiet")
+    first = commit("first version")
+    url = origin.as_uri()
+    assert (fetch_git_repo(url, first) / "doc.md").read_text() == "first version"
+    second = commit("second version")  # pinned after the first clone: fetched, not an error
+    assert (fetch_git_repo(url, second) / "doc.md").read_text() == "second version"
+    assert (fetch_git_repo(url, first) / "doc.md").read_text() == "first version"  # its own checkout, untouched
+    with pytest.raises(ConfigError, match=f"cannot fetch document repo {url} at 0123abc"):
+        fetch_git_repo(url, "0123abc")
+
+
 def test_missing_taxonomy_folder_is_a_clear_error(tmp_path):
     r = sdg("validate", tmp_path / "nope", timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: taxonomy folder") and "Traceback" not in r.stderr
@@ -378,6 +403,28 @@ def test_rerun_reuses_the_cache_and_yields_samples(generated, teacher_url, tmp_p
     from tokenize_data import tokenize_dataset
     meta = tokenize_dataset(str(mixed), embedded_dir, str(tmp_path / "tokenized"), 512)
     assert meta["num_samples"] == len(train) + 3 and meta["dropped"]["invalid"] == 0 and meta["loss_tokens"] > 0
+
+
+def test_a_reply_lost_in_one_run_shifts_no_other_request(generated, teacher_url, tmp_path):
+    """Later stages are keyed by the request they came from, not by their place among the replies that parsed:
+    with one question's reply made unusable, a rerun finds every other answer and judgment in the cache."""
+    out, _, _ = generated
+    rerun = tmp_path / "rerun"
+    shutil.copytree(out, rerun)
+    leaf = "compositional_skills/writing/thank_you_notes"
+    questions = rerun / "cache" / f"{leaf.replace('/', '__')}.questions.jsonl"
+    records = read_jsonl(questions)  # in the order asked: the one-slot server got one request at a time
+    parsed = [i for i, r in enumerate(records) if parse_question(r["reply"]) is not None]
+    assert len(parsed) >= 2, "needs a parsed question before another one"
+    records[parsed[0]]["reply"] = ""
+    write_jsonl(questions, records)
+    r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", rerun, "--num-instructions", 3, "--endpoint", teacher_url,
+            "--judge-threshold", 1, *FAST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads((rerun / "stats.json").read_text())
+    assert stats["requests"].get("sent", 0) == 0
+    before = json.loads((out / "stats.json").read_text())["leaves"][leaf]["stages"]
+    assert stats["leaves"][leaf]["stages"]["questions"]["parsed"] == before["questions"]["parsed"] - 1
 
 
 def test_kill_and_rerun_resumes_without_redoing_work(teacher_url, tmp_path):
