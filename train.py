@@ -12,8 +12,6 @@ import hashlib
 import json
 import math
 import os
-import re
-import resource
 import signal
 import sys
 import time
@@ -25,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import hardware
 import optimizers
 import recipes
 import sample_stats
@@ -35,11 +34,6 @@ from logger import MetricsLogger
 from model import CausalLMWithLoss, attention_backend, load_tokenizer, model_config, pack, resolve_model_path
 from tokenize_data import load_tokenized, tokenize_dataset, tokenizer_sha256
 from tokenize_data import summary as tokenize_summary
-
-# dense bf16 FLOP/s per GPU by device name (whole words); the first match wins, so variants precede their family
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
-                   ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12))
-
 
 class TrainingError(Exception):
     pass
@@ -128,32 +122,6 @@ def build_scheduler(optimizer, cfg: Config, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_steps)
 
 
-def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    """bf16 where the hardware multiplies it natively (autocast over fp32 master weights), else fp32."""
-    native = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" \
-        else cpu_has_native_bf16()
-    return choose_dtype(cfg.dtype, device.type, native)
-
-
-def choose_dtype(name: str, device_type: str, native_bf16: bool) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if native_bf16 else torch.float32
-    if name == "bfloat16" and device_type == "cuda" and not native_bf16:  # before Ampere
-        raise ConfigError("dtype=bfloat16: this GPU has no bf16 arithmetic; use dtype=float32 (or auto)")
-    return getattr(torch, name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 fwd+bwd ran 2.1-2.8x fp32 on such a CPU (bench/train_throughput.py --ladder);
-    elsewhere bf16 is emulated and slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:  # not Linux
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def sample(data: dict, i: int) -> tuple[np.ndarray, np.ndarray]:
     a, b = data["offsets"][i], data["offsets"][i + 1]
     return np.asarray(data["input_ids"][a:b]), np.asarray(data["labels"][a:b])
@@ -222,27 +190,6 @@ def validate(model, data: dict, held_out: np.ndarray, max_batch_len: int, rank: 
     return loss_sum.item() / int(data["loss_counts"][held_out].sum())
 
 
-def peak_bf16_flops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16_FLOPS if re.search(rf"\b{k}\b", device_name)), None)
-
-
-def model_flops(lm, lengths: list[int]) -> float:
-    """Training FLOPs for MFU. Per token and weight: 2 forward, 2 for the input's gradient, and 2 for the weight's
-    own gradient only if it trains (a frozen LoRA/QLoRA base counts 4, not 6); plus causal attention per sample."""
-    embedding, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
-    # every parameter is a matmul but the embedding lookup; a tied head shares its tensor but is still a matmul
-    weights = [p for p in lm.parameters() if p is not embedding] + ([head] if head is embedding else [])
-    per_token = sum((6 if p.requires_grad else 4) * sharding.whole_numel(p) for p in weights)
-    cfg = lm.config
-    return per_token * sum(lengths) + 6 * cfg.num_hidden_layers * cfg.hidden_size * sum(x * x for x in lengths)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def train(cfg: Config) -> dict:
     rank, world_size, device = setup_distributed(cfg.num_threads, cfg.distributed_timeout_minutes)
     sharding.check_combination(cfg, world_size, device)
@@ -256,7 +203,7 @@ def train(cfg: Config) -> dict:
     if cfg.chat_tmpl_path:  # checkpoints carry the template the data was tokenized with, for serving
         tokenizer.chat_template = Path(cfg.chat_tmpl_path).read_text()
     sampler.check_lengths(data["lengths"], cfg.max_batch_len)
-    dtype = compute_dtype(cfg, device)
+    dtype = hardware.compute_dtype(cfg, device)
     attn = attention_backend(device, cfg.disable_flash_attn or dtype == torch.float32,  # flash-attn: 16-bit only
                              model_config(model_path))
     lm = sharding.load_lm(model_path, cfg, rank, world_size, dtype, attn)  # fp32 master weights
@@ -293,7 +240,7 @@ def train(cfg: Config) -> dict:
     if resume_from:
         log.message(f"resumed from {resume_from} at step {state['global_step']}")
     ctx["stop_requested"] = install_stop_handlers()
-    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak = hardware.peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
     def save(hf_name: str | None):
         if hf_name:
@@ -329,13 +276,13 @@ def train(cfg: Config) -> dict:
                            "num_loss_tokens": step["num_loss_tokens"],
                            "tokens_per_s": out["num_tokens"] / elapsed,
                            "loss_tokens_per_s": step["num_loss_tokens"] / elapsed, "step_time_s": elapsed,
-                           "peak_memory_gb": peak_memory_gb(device)}
+                           "peak_memory_gb": hardware.peak_memory_gb(device)}
                 if ctx["grad_noise"]:
                     metrics.update(recipes.grad_noise_scale(out["local_grad_sq"], out["grad_norm"], step,
                                                             data["loss_counts"]))
                 if peak:
                     lengths = [int(data["lengths"][i]) for micro in step["micro_batches"] for r in micro for i in r]
-                    metrics["mfu"] = model_flops(lm, lengths) / (elapsed * peak * world_size)
+                    metrics["mfu"] = hardware.model_flops(lm, lengths) / (elapsed * peak * world_size)
                 last = state["global_step"] == total_steps
                 if len(held_out) and (last or cfg.validation_frequency and
                                       state["global_step"] % cfg.validation_frequency == 0):

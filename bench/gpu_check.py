@@ -303,7 +303,7 @@ def check_mfu(work: Path) -> dict:
     ours = train_py_run("default", {}, args, model_dir, work)
     trainer = hf_trainer_run(args, model_dir, work)
     if ours["mfu"] is None:
-        raise AssertionError(f"no peak FLOP/s known for {environment()['gpu']}: add it to train.PEAK_BF16_FLOPS")
+        raise AssertionError(f"no peak FLOP/s known for {environment()['gpu']}: add it to hardware.PEAK_BF16_FLOPS")
     ratio = ours["tokens_per_s"] / trainer["tokens_per_s"]
     detail = (f"MFU {ours['mfu']:.1%} (logged {ours['logged_mfu'] or 0:.1%}), {ours['tokens_per_s']:.0f} tokens/s, "
               f"{ratio:.2f}x the Trainer ({trainer['tokens_per_s']:.0f} tokens/s, MFU {trainer['mfu'] or 0:.1%})")

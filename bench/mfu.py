@@ -77,7 +77,7 @@ def write_model_folder(shape: dict, path: Path) -> Path:
 
 
 def peak_flops(nproc: int) -> float | None:
-    from train import peak_bf16_flops
+    from hardware import peak_bf16_flops
     peak = peak_bf16_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     return peak * nproc if peak else None
 
@@ -155,7 +155,7 @@ def hf_trainer_run(args, model_dir: Path, work: Path) -> dict:
     samples_per_step = args.tokens_per_gpu // args.seq_len
     from types import SimpleNamespace
 
-    from train import compute_dtype
+    from hardware import compute_dtype
     sets = dict(a.split("=", 1) for a in args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the dtype train.py computes in: bf16 autocast on GPU and on CPUs with native bf16 under dtype=auto

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-import train
+import hardware
 from config import Config
 
 
@@ -82,7 +82,7 @@ def test_mfu_bench_runs_train_py_and_the_padding_free_trainer_on_a_shape(tmp_pat
         assert 0 < r["logged_vs_outside_step_time"] <= 1 + r["outside_clock_error_bound"]
     assert result["train_py_vs_hf_tokens_per_s"] > 0 and "train.py vs the Trainer" in out
     # the Trainer computes in the dtype train.py picks (dtype auto: bf16 autocast on a CPU with native bf16)
-    assert result["runs"][-1]["bf16"] == (train.compute_dtype(Config(), torch.device("cpu")) == torch.bfloat16)
+    assert result["runs"][-1]["bf16"] == (hardware.compute_dtype(Config(), torch.device("cpu")) == torch.bfloat16)
 
 
 def test_train_py_flops_match_the_mfu_bench_formula_for_tied_and_untied_heads():
@@ -95,7 +95,7 @@ def test_train_py_flops_match_the_mfu_bench_formula_for_tied_and_untied_heads():
     for tied in (True, False):
         shape = {**SHAPES["tiny"], "vocab_size": 500, "tie_word_embeddings": tied}
         lm = LlamaForCausalLM(LlamaConfig(**shape))
-        assert train.model_flops(lm, lengths) == shape_flops(shape, lengths), tied
+        assert hardware.model_flops(lm, lengths) == shape_flops(shape, lengths), tied
 
 
 @pytest.mark.slow

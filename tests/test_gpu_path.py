@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT
 from test_sharding import ENV, args_for, metrics
 
-import train
+import hardware
 from bench.mfu import shape_flops
 from config import ConfigError, load_config
 from model import CausalLMWithLoss, has_linear_cross_entropy, load_model, loss_fn, pack
@@ -26,12 +26,12 @@ from sharding import apply_lora
     ("auto", "cpu", True, torch.bfloat16), ("auto", "cpu", False, torch.float32),
     ("float32", "cuda", True, torch.float32), ("bfloat16", "cpu", False, torch.bfloat16)])
 def test_dtype_choice(name, device, native, want):
-    assert train.choose_dtype(name, device, native) == want
+    assert hardware.choose_dtype(name, device, native) == want
 
 
 def test_bf16_refused_on_a_gpu_without_it_and_fp16_without_loss_scaling():
     with pytest.raises(ConfigError, match="this GPU has no bf16 arithmetic; use dtype=float32"):
-        train.choose_dtype("bfloat16", "cuda", False)
+        hardware.choose_dtype("bfloat16", "cuda", False)
     import sharding
     with pytest.raises(ConfigError, match="dtype=float16 needs loss scaling"):
         sharding.check_combination(load_config(None, {"dtype": "float16"}), 1, torch.device("cpu"))
@@ -45,7 +45,7 @@ def test_bf16_refused_on_a_gpu_without_it_and_fp16_without_loss_scaling():
     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA GeForce RTX 4090", None),
     ("NVIDIA H1000", None)])
 def test_gpu_peak_by_whole_name(device_name, peak):
-    assert train.peak_bf16_flops(device_name) == peak
+    assert hardware.peak_bf16_flops(device_name) == peak
 
 
 def tiny_shape(model_dir):
@@ -61,20 +61,20 @@ def test_model_flops_count_frozen_weights_at_4_per_token(tiny_model_dir):
     lengths = [100, 37, 250]
     shape = tiny_shape(tiny_model_dir)
     attention = 6 * shape["num_hidden_layers"] * shape["hidden_size"] * sum(n * n for n in lengths)
-    full = train.model_flops(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lengths)
+    full = hardware.model_flops(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lengths)
     assert full == shape_flops(shape, lengths)
     base_per_token = (full - attention) / 6 / sum(lengths)  # the matmul weights
     lora = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), load_config(None, {"lora": {"rank": 8}}))
     adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert adapters > 0
-    assert train.model_flops(lora, lengths) == pytest.approx(
+    assert hardware.model_flops(lora, lengths) == pytest.approx(
         (4 * base_per_token + 6 * adapters) * sum(lengths) + attention, rel=1e-12)
     quantized = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4"))
     assert any(p.dtype == torch.uint8 for p in quantized.parameters())  # packed
     for p in quantized.parameters():
         p.requires_grad_(False)
-    assert train.model_flops(quantized, lengths) == pytest.approx(4 * base_per_token * sum(lengths) + attention,
+    assert hardware.model_flops(quantized, lengths) == pytest.approx(4 * base_per_token * sum(lengths) + attention,
                                                                   rel=1e-12)
 
 
