@@ -67,19 +67,41 @@ def render(templates, name: str, **values) -> str:
 
 
 def chunk_document(text: str, words: int) -> list[str]:
-    """Paragraph-aligned chunks of about `words` words; a heading stays with the paragraph after it."""
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    """Chunks of at most `words` words (plus a heading) along paragraph boundaries; a longer paragraph is cut at
+    sentence ends (a longer sentence at `words`). A heading starts a chunk and stays with the text after it."""
+    pieces = []
+    for paragraph in (p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()):
+        pieces += [paragraph] if len(paragraph.split()) <= words else _cut(paragraph, words)
     chunks, current, size = [], [], 0
-    for paragraph in paragraphs:
-        n = len(paragraph.split())
-        if current and size + n > words and not current[-1].startswith("#"):
+    for piece in pieces:
+        n = len(piece.split())
+        heading = piece.startswith("#")
+        if current and (size + n > words or heading) and not current[-1].startswith("#"):
             chunks.append("\n\n".join(current))
             current, size = [], 0
-        current.append(paragraph)
+        current.append(piece)
         size += n
     if current:
         chunks.append("\n\n".join(current))
     return chunks
+
+
+def _cut(paragraph: str, words: int) -> list[str]:
+    """A paragraph as pieces of at most `words` words, ending at sentence ends where a sentence fits."""
+    pieces, current = [], []
+    for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
+        tokens = sentence.split()
+        while len(tokens) > words:  # one sentence longer than a chunk: cut it by words
+            if current:
+                pieces.append(" ".join(current))
+                current = []
+            pieces.append(" ".join(tokens[:words]))
+            tokens = tokens[words:]
+        if current and len(current) + len(tokens) > words:
+            pieces.append(" ".join(current))
+            current = []
+        current += tokens
+    return pieces + ([" ".join(current)] if current else [])
 
 
 class Stage:
@@ -185,7 +207,7 @@ def knowledge_pairs(teacher, leaf, templates, settings, stats) -> list[dict]:
     stats["chunks"] = Counter(documents=len(leaf.documents), chunks=len(chunks))
     seeds = leaf.data["seed_examples"]
     stage = Stage(teacher, leaf, "qa_pairs", stats)
-    for i in range(settings.num_instructions):
+    for i in range(max(settings.num_instructions, len(chunks))):  # every chunk is asked about at least once
         chunk = chunks[i % len(chunks)]
         seed = seeds[i % len(seeds)]
         prompt = render(templates, "knowledge_qa", domain=leaf.data["domain"], document_outline=leaf.data["document_outline"],

@@ -236,13 +236,20 @@ def test_deduplicate_exact_then_near():
     assert normalize(" What, is   HOOCH?! ") == "what is hooch"
 
 
-def test_chunk_document_keeps_every_paragraph_and_headings():
+def test_chunk_document_keeps_every_word_cuts_long_paragraphs_and_starts_chunks_at_headings():
     text = (SAMPLE / "knowledge/food/sourdough_starter/documents/sourdough_starter.md").read_text()
     chunks = chunk_document(text, words=120)
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    assert "\n\n".join(chunks) == "\n\n".join(paragraphs)  # nothing dropped, order kept
-    assert len(chunks) >= 3 and all(not c.rstrip().splitlines()[-1].startswith("#") for c in chunks)
-    assert all(len(c.split()) <= 120 + max(len(p.split()) for p in paragraphs) for c in chunks)
+    assert " ".join(chunks).split() == text.split()  # nothing dropped, order kept
+    assert len(chunks) >= 3 and all(len(c.split()) <= 120 for c in chunks)
+    assert all(not c.rstrip().splitlines()[-1].startswith("#") for c in chunks)  # no heading left at a chunk's end
+    for c in chunks:  # a heading opens a chunk (after the headings above it): never in the middle of one
+        lines = [line for line in c.splitlines() if line.strip()]
+        first_text = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+        assert not any(line.startswith("#") for line in lines[first_text:]), c
+    long = "# Title\n\n" + " ".join(f"Sentence {i} has five words." for i in range(30)) + "\n\n" + "word " * 50
+    cut = chunk_document(long, words=40)
+    assert " ".join(cut).split() == long.split() and all(len(c.split()) <= 40 + 2 for c in cut)  # + its heading
+    assert cut[0].startswith("# Title\n\nSentence 0") and all(c.endswith(".") for c in cut[:-2])  # sentence ends
 
 
 def test_load_cache_cuts_a_half_written_last_line(tmp_path):
