@@ -217,7 +217,8 @@ GGUF_FAMILIES = {
     "llama": {},
     "qwen3": {},
     "mistral": {"sliding_window": None},
-    "gemma3": {"num_hidden_layers": 6, "layer_types": None},
+    # as released Gemma 3 checkpoints: no final softcap (llama.cpp 0.3.16 reads none for gemma3)
+    "gemma3": {"num_hidden_layers": 6, "layer_types": None, "final_logit_softcapping": None},
     "phi3": {},
     "olmo2": {},
     "granite": {},
