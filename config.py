@@ -236,6 +236,69 @@ def load_profile(name: str | None) -> dict:
     return data
 
 
+# The generate/evaluate keys of a profile, with the value used where a profile leaves one out: the one place these
+# defaults live. pipeline.sh (through phases.py), `python -m sdg generate`, `python -m eval.*` and `python -m
+# serve.chat` all read them with stage_settings, so a stage run alone behaves as it does in the pipeline.
+STAGE_DEFAULTS = {
+    "generate": {"num_instructions": 5, "concurrency": 2, "max_tokens": 128, "judge_threshold": 0,
+                 "endpoint": "", "model": ""},  # teacher; "" = the embedded model, served for the stage
+    "evaluate": {"few_shots": 0, "batch_size": 4, "max_tokens": 128, "judge_max_tokens": 256, "mmlu_limit": 0,
+                 "mt_bench_limit": 0, "chat_max_tokens": 128, "heldout_max_tokens": 32, "phased": False},
+}
+
+
+def stage_settings(profile: str | None, sets: list[str] = ()) -> dict[str, dict]:
+    """The profile's generate/evaluate sections with `section.key=value` overrides; unknown keys fail with the
+    valid ones. `train.*` overrides are left to load_config."""
+    data = load_profile(profile)
+    problems = []
+    chosen = {section: dict(defaults) for section, defaults in STAGE_DEFAULTS.items()}
+    for source, sections in ((f"profile {data.get('name')}", data), ("--set", parse_overrides(
+            [s for s in sets if not s.startswith("train.")]))):
+        for section, values in sections.items():
+            if section in ("name", "train"):
+                continue
+            if section not in STAGE_DEFAULTS:
+                problems.append(f"{source}: unknown section '{section}' (valid: train, {', '.join(STAGE_DEFAULTS)})")
+                continue
+            if not isinstance(values or {}, dict):
+                problems.append(f"{source}: '{section}' must be a mapping of keys, got {values!r}")
+                continue
+            for key, value in (values or {}).items():
+                if key not in STAGE_DEFAULTS[section]:
+                    problems.append(f"{source}: unknown key '{section}.{key}'; valid: "
+                                    + ", ".join(f"{section}.{k}" for k in STAGE_DEFAULTS[section]))
+                    continue
+                chosen[section][key] = _coerce_setting(value, STAGE_DEFAULTS[section][key], f"{section}.{key}",
+                                                       problems)
+    if problems:
+        raise ConfigError("invalid pipeline settings:\n  - " + "\n  - ".join(problems))
+    return chosen
+
+
+def _coerce_setting(value, default, key: str, problems: list[str]):
+    if isinstance(default, str):  # a URL or a model name, taken as written
+        return "" if value is None else str(value)
+    parsed = yaml.safe_load(value) if isinstance(value, str) else value
+    if isinstance(default, bool):
+        if not isinstance(parsed, bool):
+            problems.append(f"{key} must be true or false, got {value!r}")
+        return parsed
+    if not isinstance(parsed, int) or isinstance(parsed, bool) or parsed < 0:
+        problems.append(f"{key} must be a whole number >= 0, got {value!r}")
+    return parsed
+
+
+def fill_from_profile(args, section: str, names: dict[str, str]) -> None:
+    """Set every argument the user left out (None) from the profile in args.profile: flags given win. A profile's
+    "" (no endpoint, no model) stays None, and a *_limit of 0 (every question) is None, as the flags spell it."""
+    chosen = stage_settings(args.profile)[section]
+    for arg, key in names.items():
+        if getattr(args, arg) is None:
+            value = chosen[key]
+            setattr(args, arg, None if value == "" or (key.endswith("_limit") and value == 0) else value)
+
+
 def load_config(path: str | None = None, overrides: list[str] | dict | None = None,
                 profile: str | None = None) -> Config:
     """Defaults <- profile's train section <- config file <- command-line overrides."""

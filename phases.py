@@ -22,59 +22,17 @@ from pathlib import Path
 
 import yaml
 
-from config import ConfigError, exit_on_error, load_config, load_profile, parse_overrides
+from config import ConfigError, exit_on_error, load_config, load_profile, parse_overrides, stage_settings
 from eval import report
 from eval.mt_bench import read_jsonl as eval_read_jsonl
 
-# Every generate/evaluate key pipeline.sh reads, with the value used when the profile leaves it out.
-SETTINGS = {
-    "generate": {"num_instructions": 5, "concurrency": 2, "max_tokens": 128, "judge_threshold": 0,
-                 "endpoint": "", "model": ""},  # teacher; "" = the embedded model, served for the stage
-    "evaluate": {"few_shots": 0, "batch_size": 4, "max_tokens": 128, "judge_max_tokens": 256, "mmlu_limit": 0,
-                 "mt_bench_limit": 0, "chat_max_tokens": 128, "heldout_max_tokens": 32, "phased": False},
-}
-
-
 def settings(profile: str, sets: list[str]) -> dict[str, dict]:
-    """The profile's generate/evaluate sections with --set overrides; unknown keys fail with the valid ones."""
-    data = load_profile(profile)
-    problems = []
-    chosen = {section: dict(defaults) for section, defaults in SETTINGS.items()}
-    for source, sections in ((f"profile {data.get('name')}", data), ("--set", parse_overrides(
-            [s for s in sets if not s.startswith("train.")]))):
-        for section, values in sections.items():
-            if section in ("name", "train"):
-                continue
-            if section not in SETTINGS:
-                problems.append(f"{source}: unknown section '{section}' (valid: train, {', '.join(SETTINGS)})")
-                continue
-            if not isinstance(values or {}, dict):
-                problems.append(f"{source}: '{section}' must be a mapping of keys, got {values!r}")
-                continue
-            for key, value in (values or {}).items():
-                if key not in SETTINGS[section]:
-                    problems.append(f"{source}: unknown key '{section}.{key}'; valid: "
-                                    + ", ".join(f"{section}.{k}" for k in SETTINGS[section]))
-                    continue
-                chosen[section][key] = coerce(value, SETTINGS[section][key], f"{section}.{key}", problems)
+    """The profile's generate/evaluate settings (config.stage_settings) and the train profile and overrides."""
+    chosen = stage_settings(profile, sets)
     train_overrides = [s.removeprefix("train.") for s in sets if s.startswith("train.")]
-    if problems:
-        raise ConfigError("invalid pipeline settings:\n  - " + "\n  - ".join(problems))
-    chosen["train"] = {"overrides": " ".join(shlex.quote(s) for s in train_overrides), "profile": data.get("name", "")}
+    chosen["train"] = {"overrides": " ".join(shlex.quote(s) for s in train_overrides),
+                       "profile": load_profile(profile).get("name", "")}
     return chosen
-
-
-def coerce(value, default, key: str, problems: list[str]):
-    if isinstance(default, str):  # a URL or a model name, taken as written
-        return "" if value is None else str(value)
-    parsed = yaml.safe_load(value) if isinstance(value, str) else value
-    if isinstance(default, bool):
-        if not isinstance(parsed, bool):
-            problems.append(f"{key} must be true or false, got {value!r}")
-        return parsed
-    if not isinstance(parsed, int) or isinstance(parsed, bool) or parsed < 0:
-        problems.append(f"{key} must be a whole number >= 0, got {value!r}")
-    return parsed
 
 
 def print_settings(args) -> None:

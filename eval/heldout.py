@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from config import EMBEDDED_MODEL, ConfigError, exit_on_error
+from config import EMBEDDED_MODEL, ConfigError, exit_on_error, fill_from_profile
 from eval import report
 from sdg.heldout import normalize
 from sdg.taxonomy import mmlu_subject
@@ -34,12 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="trained HF folder")
     p.add_argument("--base-model", default=EMBEDDED_MODEL, help="the model before training (default: embedded)")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma list of: {', '.join(METRICS)}")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="free answer length for recall")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, help="free answer length for recall (profile: heldout_max_tokens)")
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int, default=42, help="shuffles the multiple-choice options")
     p.add_argument("--output", help="JSON result file (a markdown table is written next to it)")
     p.add_argument("--plot", help="PNG chart: base vs trained with intervals")
+    p.add_argument("--profile", default="auto",
+                   help="cpu, single-gpu, multi-gpu, auto (default) or none: the evaluate section whose values are "
+                        "the defaults of --max-new-tokens and --batch-size, as in pipeline.sh")
     args = p.parse_args(argv)
+    fill_from_profile(args, "evaluate", {"max_new_tokens": "heldout_max_tokens", "batch_size": "batch_size"})
     unknown = set(args.metrics.split(",")) - set(METRICS)
     if unknown:
         raise ConfigError(f"--metrics: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METRICS)}")

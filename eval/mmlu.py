@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 
-from config import EMBEDDED_MODEL, ConfigError, exit_on_error
+from config import EMBEDDED_MODEL, ConfigError, exit_on_error, fill_from_profile
 from eval import report
 
 
@@ -26,16 +26,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--endpoint", help="OpenAI-compatible base URL (http://127.0.0.1:8000/v1) serving --model")
     p.add_argument("--base-endpoint", help="endpoint serving --base-model")
     p.add_argument("--tasks", help="comma list: lm-eval task names online (default: mmlu), subject names offline")
-    p.add_argument("--few-shots", type=int, default=5)
+    p.add_argument("--few-shots", type=int)
     p.add_argument("--data-dir", help="local MMLU files (test, optional dev): JSONL, CSV or parquet")
     p.add_argument("--taxonomy", help="taxonomy folder: knowledge Q/As become 4-choice questions")
     p.add_argument("--seed", type=int, default=42, help="shuffles the taxonomy questions' choices")
-    p.add_argument("--limit", type=int, help="at most N questions per subject (quick checks)")
-    p.add_argument("--batch-size", type=int, default=4, help="in-process batch (endpoints get one request at a time)")
+    p.add_argument("--limit", type=int, help="at most N questions per subject (profile: mmlu_limit, 0 = all)")
+    p.add_argument("--batch-size", type=int, help="in-process batch (endpoints get one request at a time)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--output", help="JSON result file; a markdown table is written next to it (.md)")
     p.add_argument("--plot", help="PNG chart of per-subject accuracy")
+    p.add_argument("--profile", default="auto",
+                   help="cpu, single-gpu, multi-gpu, auto (default) or none: the evaluate section whose values are "
+                        "the defaults of --few-shots, --limit and --batch-size, as in pipeline.sh")
     args = p.parse_args(argv)
+    fill_from_profile(args, "evaluate", {"few_shots": "few_shots", "limit": "mmlu_limit", "batch_size": "batch_size"})
     if args.few_shots < 0 or (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         raise ConfigError("--few-shots must be >= 0, --limit and --batch-size >= 1")
     if args.base_endpoint and not args.base_model:

@@ -19,7 +19,7 @@ from statistics import mean
 
 import yaml
 
-from config import ConfigError, exit_on_error
+from config import ConfigError, exit_on_error, fill_from_profile
 from eval import report
 from sdg.teacher import job_id, load_cache
 from serve.client import connect
@@ -43,15 +43,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--taxonomy", help="taxonomy folder: seed examples become reference-graded questions")
     p.add_argument("--reference-answers", help="MT-Bench reference answer JSONL (question_id, choices[0].turns)")
     p.add_argument("--judge-prompts", help=f"judge prompts, JSONL as MT-Bench ships or YAML (default {DEFAULT_JUDGE_PROMPTS.name})")
-    p.add_argument("--limit", type=int, help="first N questions only")
-    p.add_argument("--max-tokens", type=int, default=1024, help="per answer turn")
-    p.add_argument("--judge-max-tokens", type=int, default=512)
+    p.add_argument("--limit", type=int, help="first N questions only (profile: mt_bench_limit, 0 = all)")
+    p.add_argument("--max-tokens", type=int, help="per answer turn")
+    p.add_argument("--judge-max-tokens", type=int)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--output", help="JSON result with every answer and judgment; markdown table next to it (.md)")
     p.add_argument("--plot", help="PNG chart of per-category scores")
     p.add_argument("--cache", help="JSONL of every reply so far, so a rerun resumes (default: next to --output)")
+    p.add_argument("--profile", default="auto",
+                   help="cpu, single-gpu, multi-gpu, auto (default) or none: the evaluate section whose values are "
+                        "the defaults of --limit, --max-tokens and --judge-max-tokens, as in pipeline.sh")
     args = p.parse_args(argv)
+    fill_from_profile(args, "evaluate", {"limit": "mt_bench_limit", "max_tokens": "max_tokens",
+                                         "judge_max_tokens": "judge_max_tokens"})
     if not (args.question_file or args.taxonomy):
         raise ConfigError("give --question-file FILE (MT-Bench question.jsonl) or --taxonomy DIR")
     if (args.limit is not None and args.limit < 1) or args.max_tokens < 1 or args.judge_max_tokens < 1:

@@ -1,7 +1,7 @@
 """`python -m sdg`: synthetic data from an InstructLab taxonomy.
 
     python -m sdg validate TAXONOMY
-    python -m sdg generate --taxonomy TAXONOMY --output-dir OUT [--num-instructions N] [--endpoint URL] [--concurrency K]
+    python -m sdg generate --taxonomy TAXONOMY --output-dir OUT [--profile cpu] [--num-instructions N] [--endpoint URL] [--concurrency K]
     python -m sdg mix recipe.yaml [--output FILE]
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from config import ConfigError, exit_on_error
+from config import ConfigError, exit_on_error, fill_from_profile
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,16 +22,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = sub.add_parser("generate", help="generate train/test JSONL from a taxonomy with a teacher model")
     g.add_argument("--taxonomy", required=True, help="folder of qna.yaml files (try sdg/sample_taxonomy)")
     g.add_argument("--output-dir", required=True, help="gets train.jsonl, test.jsonl, stats.json and cache/")
-    g.add_argument("--num-instructions", type=int, default=10, help="generation requests per leaf (default 10)")
-    g.add_argument("--endpoint", default=None,
+    g.add_argument("--profile", default="auto",
+                   help="cpu, single-gpu, multi-gpu, auto (default) or none: its generate section gives the defaults "
+                        "of the four options below and of --judge-threshold and --max-tokens, as in pipeline.sh")
+    g.add_argument("--num-instructions", type=int, help="generation requests per leaf")
+    g.add_argument("--endpoint",
                    help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: start the embedded model)")
-    g.add_argument("--model", default=None, help="model name at the endpoint (default: the first it serves)")
-    g.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    g.add_argument("--model", help="model name at the endpoint (default: the first it serves)")
+    g.add_argument("--concurrency", type=int, help="requests in flight (the server's slots count too)")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     g.add_argument("--retries", type=int, default=4, help="retries per request, with exponential backoff (default 4)")
-    g.add_argument("--judge-threshold", type=int, default=3, help="keep pairs scored at least this, 1-5; 0 skips the judge")
+    g.add_argument("--judge-threshold", type=int, help="keep pairs scored at least this, 1-5; 0 skips the judge")
     g.add_argument("--dedup-threshold", type=float, default=0.9, help="ROUGE-L F1 for near duplicates; 1 = exact only")
-    g.add_argument("--max-tokens", type=int, default=256, help="tokens per generated answer (default 256)")
+    g.add_argument("--max-tokens", type=int, help="tokens per generated answer")
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--chunk-words", type=int, default=180, help="knowledge document chunk size in words")
     g.add_argument("--restatements", type=int, default=2,
@@ -41,7 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     m = sub.add_parser("mix", help="combine messages datasets by sample counts or ratios")
     m.add_argument("recipe")
     m.add_argument("--output", default=None, help="output JSONL (default: the recipe's 'output')")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.command == "generate":
+        fill_from_profile(args, "generate", {"num_instructions": "num_instructions", "concurrency": "concurrency",
+                                             "max_tokens": "max_tokens", "judge_threshold": "judge_threshold",
+                                             "endpoint": "endpoint", "model": "model"})
+    return args
 
 
 def check_generate_args(args):

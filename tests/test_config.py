@@ -5,7 +5,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from config import ConfigError, load_config
+from config import STAGE_DEFAULTS, ConfigError, load_config
 
 
 def test_overrides_are_typed_from_the_schema():
@@ -66,3 +66,41 @@ def test_cli_reports_config_errors_without_traceback():
 def test_readme_config_reference_is_generated_from_the_schema():
     from config import reference_markdown
     assert reference_markdown() in (ROOT / "README.md").read_text()
+
+
+def test_stages_run_alone_get_the_defaults_pipeline_sh_gives_them():
+    """The generate/evaluate defaults live in one place (config.STAGE_DEFAULTS under the profile): `python -m sdg
+    generate`, eval.mmlu, eval.mt_bench, eval.heldout and serve.chat with --profile get exactly what pipeline.sh
+    passes that stage for the same profile, and a flag given wins."""
+    from eval.heldout import parse_args as heldout_args
+    from eval.mmlu import parse_args as mmlu_args
+    from eval.mt_bench import parse_args as mt_bench_args
+    from phases import settings
+    from sdg.__main__ import parse_args as sdg_args
+    from serve.chat import parse_args as chat_args
+
+    seen = set()
+    for name in ("cpu", "single-gpu", "multi-gpu"):
+        gen, ev = settings(name, [])["generate"], settings(name, [])["evaluate"]
+        g = sdg_args(["generate", "--taxonomy", "t", "--output-dir", "o", "--profile", name])
+        assert (g.num_instructions, g.concurrency, g.max_tokens, g.judge_threshold, g.endpoint, g.model) == (
+            gen["num_instructions"], gen["concurrency"], gen["max_tokens"], gen["judge_threshold"], None, None)
+        m = mmlu_args(["--profile", name])
+        assert (m.few_shots, m.batch_size, m.limit) == (ev["few_shots"], ev["batch_size"], ev["mmlu_limit"] or None)
+        t = mt_bench_args(["--model-endpoint", "u", "--judge-endpoint", "u", "--taxonomy", "t", "--profile", name])
+        assert (t.limit, t.max_tokens, t.judge_max_tokens) == (ev["mt_bench_limit"] or None, ev["max_tokens"],
+                                                               ev["judge_max_tokens"])
+        h = heldout_args(["--heldout", "h", "--model", "m", "--profile", name])
+        assert (h.max_new_tokens, h.batch_size) == (ev["heldout_max_tokens"], ev["batch_size"])
+        assert chat_args(["--profile", name]).max_tokens == ev["chat_max_tokens"]
+        seen.add((g.num_instructions, m.few_shots, t.max_tokens))
+    assert len(seen) > 1  # the profiles differ, so fixed argparse defaults could not pass the loop above
+
+    assert sdg_args(["generate", "--taxonomy", "t", "--output-dir", "o", "--profile", "single-gpu",
+                     "--num-instructions", "3", "--endpoint", "http://h/v1"]).num_instructions == 3
+    assert mt_bench_args(["--model-endpoint", "u", "--judge-endpoint", "u", "--taxonomy", "t", "--profile", "cpu",
+                          "--limit", "2"]).limit == 2
+    bare = sdg_args(["generate", "--taxonomy", "t", "--output-dir", "o", "--profile", "none"])
+    assert bare.num_instructions == STAGE_DEFAULTS["generate"]["num_instructions"]
+    with pytest.raises(ConfigError, match="profile 'laptop' not found.*available: cpu, multi-gpu, single-gpu"):
+        heldout_args(["--heldout", "h", "--model", "m", "--profile", "laptop"])
