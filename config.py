@@ -289,9 +289,20 @@ def _coerce_setting(value, default, key: str, problems: list[str]):
     return parsed
 
 
-def fill_from_profile(args, section: str, names: dict[str, str]) -> None:
-    """Set every argument the user left out (None) from the profile in args.profile: flags given win. A profile's
+def add_profile_option(parser, section: str, names: dict[str, str]) -> None:
+    """--profile for a stage run alone: the profile's `section` gives the defaults of the options in `names` (option
+    dest -> profile key, options declared without a default), filled in by fill_from_profile after parsing."""
+    flags = ", ".join("--" + dest.replace("_", "-") for dest in names)
+    parser.add_argument("--profile", default="auto",
+                        help=f"cpu, single-gpu, multi-gpu, auto (default) or none: its {section} section gives the "
+                             f"defaults of {flags}, as pipeline.sh passes them")
+    parser.set_defaults(profile_keys=(section, names))
+
+
+def fill_from_profile(args) -> None:
+    """Set every option of add_profile_option the user left out (None) from the profile: flags given win. A profile's
     "" (no endpoint, no model) stays None, and a *_limit of 0 (every question) is None, as the flags spell it."""
+    section, names = args.profile_keys
     chosen = stage_settings(args.profile)[section]
     for arg, key in names.items():
         if getattr(args, arg) is None:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from config import EMBEDDED_MODEL, ConfigError, exit_on_error, fill_from_profile
+from config import EMBEDDED_MODEL, ConfigError, add_profile_option, exit_on_error, fill_from_profile
 from eval import report
 from sdg.heldout import normalize
 from sdg.taxonomy import mmlu_subject
@@ -39,11 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42, help="shuffles the multiple-choice options")
     p.add_argument("--output", help="JSON result file (a markdown table is written next to it)")
     p.add_argument("--plot", help="PNG chart: base vs trained with intervals")
-    p.add_argument("--profile", default="auto",
-                   help="cpu, single-gpu, multi-gpu, auto (default) or none: the evaluate section whose values are "
-                        "the defaults of --max-new-tokens and --batch-size, as in pipeline.sh")
+    add_profile_option(p, "evaluate", {"max_new_tokens": "heldout_max_tokens", "batch_size": "batch_size"})
     args = p.parse_args(argv)
-    fill_from_profile(args, "evaluate", {"max_new_tokens": "heldout_max_tokens", "batch_size": "batch_size"})
+    fill_from_profile(args)
     unknown = set(args.metrics.split(",")) - set(METRICS)
     if unknown:
         raise ConfigError(f"--metrics: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METRICS)}")

@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 
-from config import EMBEDDED_MODEL, ConfigError, exit_on_error, fill_from_profile
+from config import EMBEDDED_MODEL, ConfigError, add_profile_option, exit_on_error, fill_from_profile
 from eval import report
 
 
@@ -35,11 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--output", help="JSON result file; a markdown table is written next to it (.md)")
     p.add_argument("--plot", help="PNG chart of per-subject accuracy")
-    p.add_argument("--profile", default="auto",
-                   help="cpu, single-gpu, multi-gpu, auto (default) or none: the evaluate section whose values are "
-                        "the defaults of --few-shots, --limit and --batch-size, as in pipeline.sh")
+    add_profile_option(p, "evaluate", {"few_shots": "few_shots", "limit": "mmlu_limit", "batch_size": "batch_size"})
     args = p.parse_args(argv)
-    fill_from_profile(args, "evaluate", {"few_shots": "few_shots", "limit": "mmlu_limit", "batch_size": "batch_size"})
+    fill_from_profile(args)
     if args.few_shots < 0 or (args.limit is not None and args.limit < 1) or args.batch_size < 1:
         raise ConfigError("--few-shots must be >= 0, --limit and --batch-size >= 1")
     if args.base_endpoint and not args.base_model:

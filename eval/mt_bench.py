@@ -19,7 +19,7 @@ from statistics import mean
 
 import yaml
 
-from config import ConfigError, exit_on_error, fill_from_profile
+from config import ConfigError, add_profile_option, exit_on_error, fill_from_profile
 from eval import report
 from sdg.teacher import job_id, load_cache
 from serve.client import connect
@@ -51,12 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", help="JSON result with every answer and judgment; markdown table next to it (.md)")
     p.add_argument("--plot", help="PNG chart of per-category scores")
     p.add_argument("--cache", help="JSONL of every reply so far, so a rerun resumes (default: next to --output)")
-    p.add_argument("--profile", default="auto",
-                   help="cpu, single-gpu, multi-gpu, auto (default) or none: the evaluate section whose values are "
-                        "the defaults of --limit, --max-tokens and --judge-max-tokens, as in pipeline.sh")
+    add_profile_option(p, "evaluate", {"limit": "mt_bench_limit", "max_tokens": "max_tokens",
+                                       "judge_max_tokens": "judge_max_tokens"})
     args = p.parse_args(argv)
-    fill_from_profile(args, "evaluate", {"limit": "mt_bench_limit", "max_tokens": "max_tokens",
-                                         "judge_max_tokens": "judge_max_tokens"})
+    fill_from_profile(args)
     if not (args.question_file or args.taxonomy):
         raise ConfigError("give --question-file FILE (MT-Bench question.jsonl) or --taxonomy DIR")
     if (args.limit is not None and args.limit < 1) or args.max_tokens < 1 or args.judge_max_tokens < 1:

@@ -11,7 +11,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from config import ConfigError, exit_on_error, fill_from_profile
+from config import ConfigError, add_profile_option, exit_on_error, fill_from_profile
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -22,9 +22,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = sub.add_parser("generate", help="generate train/test JSONL from a taxonomy with a teacher model")
     g.add_argument("--taxonomy", required=True, help="folder of qna.yaml files (try sdg/sample_taxonomy)")
     g.add_argument("--output-dir", required=True, help="gets train.jsonl, test.jsonl, stats.json and cache/")
-    g.add_argument("--profile", default="auto",
-                   help="cpu, single-gpu, multi-gpu, auto (default) or none: its generate section gives the defaults "
-                        "of the four options below and of --judge-threshold and --max-tokens, as in pipeline.sh")
     g.add_argument("--num-instructions", type=int, help="generation requests per leaf")
     g.add_argument("--endpoint",
                    help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: start the embedded model)")
@@ -41,14 +38,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra copies of each knowledge context with its sentences reordered (0 = none)")
     g.add_argument("--system-prompt", default=None, help="system message for every sample (default: none)")
     g.add_argument("--prompts-dir", default=None, help="folder of edited prompt templates (default: sdg/prompts)")
+    add_profile_option(g, "generate", {"num_instructions": "num_instructions", "concurrency": "concurrency",
+                                       "max_tokens": "max_tokens", "judge_threshold": "judge_threshold",
+                                       "endpoint": "endpoint", "model": "model"})
     m = sub.add_parser("mix", help="combine messages datasets by sample counts or ratios")
     m.add_argument("recipe")
     m.add_argument("--output", default=None, help="output JSONL (default: the recipe's 'output')")
     args = p.parse_args(argv)
     if args.command == "generate":
-        fill_from_profile(args, "generate", {"num_instructions": "num_instructions", "concurrency": "concurrency",
-                                             "max_tokens": "max_tokens", "judge_threshold": "judge_threshold",
-                                             "endpoint": "endpoint", "model": "model"})
+        fill_from_profile(args)
     return args
 
 

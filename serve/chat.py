@@ -10,7 +10,7 @@ import sys
 
 import openai
 
-from config import ConfigError, exit_on_error, fill_from_profile
+from config import ConfigError, add_profile_option, exit_on_error, fill_from_profile
 from serve.client import connect
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
@@ -23,11 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--system", default=None, help="system prompt (default: none, the chat template's own)")
     p.add_argument("--max-tokens", type=int, help="per reply (default: the profile's evaluate.chat_max_tokens)")
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--profile", default="auto",
-                   help="cpu, single-gpu, multi-gpu, auto (default) or none: the evaluate section whose values are "
-                        "the defaults of --max-tokens (chat_max_tokens), as in pipeline.sh")
+    add_profile_option(p, "evaluate", {"max_tokens": "chat_max_tokens"})
     args = p.parse_args(argv)
-    fill_from_profile(args, "evaluate", {"max_tokens": "chat_max_tokens"})
+    fill_from_profile(args)
     return args
 
 
