@@ -138,6 +138,11 @@ def mmlu_prompt(subject: str, question: str, choices: list[str]) -> str:
     return f"{description(subject)}{question.strip()}{letters}\nAnswer:"
 
 
+def continuation_prompt(subject: str, question: str) -> str:
+    """The same for lm-eval's continuation (cloze) form, which scores each choice's text after it."""
+    return f"{description(subject, 'continuation')}Question: {question.strip()}\nAnswer:"
+
+
 def task_name(subject: str) -> str:
     return f"{TASK_PREFIX}_" + re.sub(r"[^a-z0-9]+", "_", subject.lower()).strip("_")
 

@@ -237,7 +237,7 @@ def heldout_record(pair: dict, leaf: Leaf, settings: Settings) -> dict:
 def taxonomy_samples(leaf: Leaf, settings: Settings) -> tuple[list[dict], Counter]:
     """What the taxonomy itself teaches, whatever the teacher does: the training seed pairs, and for knowledge
     the documents chunked as raw text (role pretraining, every token trained: continual pretraining), each seed
-    context restated (`restate`) and the training pairs as 4-choice practice."""
+    context restated (`restate`) and the training pairs as MMLU-format practice (letters and continuation)."""
     samples = [to_messages(p["question"], p["answer"], p.get("context") if leaf.kind == "skill" else None,
                            leaf, "seed", settings) for p in _training_pairs(leaf)]
     chunks = [c for path in leaf.documents for c in chunk_document(path.read_text(encoding="utf-8"),
@@ -273,14 +273,16 @@ def restate(text: str, count: int, seed: str) -> list[str]:
 
 
 def multiple_choice_samples(leaf: Leaf) -> list[dict]:
-    """The training seed pairs once more as 4-choice questions in lm-eval's MMLU prompt (raw text, distractors
-    from the other training answers): a 135M model learns the letter format from these, the facts of the
+    """The training seed pairs once more in both of lm-eval's MMLU prompts (raw text): as 4-choice questions
+    answered by letter (distractors from the other training answers) and in the continuation form, the answer's
+    own text after "Question: ...\nAnswer:". A 135M model learns the formats from these, the facts of the
     held-out questions only from the documents."""
-    from eval.mmlu_tasks import mmlu_prompt
+    from eval.mmlu_tasks import continuation_prompt, mmlu_prompt
 
     pairs = _training_pairs(leaf)
     answers = list(dict.fromkeys(p["answer"] for p in pairs))
-    samples = []
+    subject = mmlu_subject(leaf.name)
+    texts = []
     for i, p in enumerate(pairs):
         pool = [a for a in answers if a != p["answer"]]
         if len(pool) < 3:
@@ -288,10 +290,10 @@ def multiple_choice_samples(leaf: Leaf) -> list[dict]:
         rng = random.Random(f"{leaf.name}:choices:{i}")
         choices = rng.sample(pool, 3) + [p["answer"]]
         rng.shuffle(choices)
-        text = mmlu_prompt(mmlu_subject(leaf.name), p["question"], choices) + " " + "ABCD"[choices.index(p["answer"])]
-        samples.append({"messages": [{"role": "pretraining", "content": text}],
-                        "metadata": {"leaf": leaf.name, "kind": leaf.kind, "pipeline": "multiple_choice"}})
-    return samples
+        texts.append(mmlu_prompt(subject, p["question"], choices) + " " + "ABCD"[choices.index(p["answer"])])
+        texts.append(continuation_prompt(subject, p["question"]) + " " + p["answer"])
+    return [{"messages": [{"role": "pretraining", "content": text}],
+             "metadata": {"leaf": leaf.name, "kind": leaf.kind, "pipeline": "multiple_choice"}} for text in texts]
 
 
 def _training_pairs(leaf: Leaf) -> list[dict]:

@@ -15,6 +15,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+SAMPLE_TAXONOMY = ROOT / "sdg" / "sample_taxonomy"
+
+
+def sample_leaves(dest, *leaves):
+    """A taxonomy of some of the sample taxonomy's leaves (paths under it), copied to dest: the tests that ask the
+    real 135M teacher keep one leaf of each kind they check, as each leaf costs teacher requests."""
+    import shutil
+    for leaf in leaves:
+        shutil.copytree(SAMPLE_TAXONOMY / leaf, Path(dest) / leaf)
+    return Path(dest)
+
+
 @pytest.fixture(scope="session")
 def embedded_dir():
     from model import resolve_model_path

@@ -167,26 +167,36 @@ def test_heldout_eval_and_summary_report_n_and_intervals(tmp_path, tokenizer, mo
     assert (tmp_path / "evaluation.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_training_choice_format_is_what_lm_eval_scores(tmp_path):
-    """The multiple-choice training samples use the exact text lm-eval builds for a zero-shot MMLU question."""
+def test_training_choice_formats_are_what_lm_eval_scores(tmp_path):
+    """The practice samples use the exact text lm-eval builds for a zero-shot MMLU question, in both forms:
+    letters after the choices, and the answer's own text (continuation)."""
     import os
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from eval.mmlu_tasks import mmlu_prompt, write_task_configs
+    from eval.mmlu_tasks import continuation_prompt, mmlu_prompt, write_task_configs
     row = {"question": "What colour is the light of the Amberlamp?", "subject": "knowledge_places_marrowick",
            "choices": ["Orange", "Green", "Seven", "1864"], "answer": 1}
-    _, tasks = write_task_configs({row["subject"]: {"dev": [], "test": [row]}}, str(tmp_path), 0)
-    (name,) = tasks
-    task = get_task_dict([name], TaskManager(include_path=str(tmp_path), include_defaults=False))[name]
-    doc = next(iter(task.test_docs()))
-    assert task.fewshot_context(doc, 0) == mmlu_prompt(row["subject"], row["question"], row["choices"])
-    assert task.config.target_delimiter + task.doc_to_choice(doc)[task.doc_to_target(doc)] == " B"
+    rendered = {}
+    for style, prompt in (("letters", mmlu_prompt(row["subject"], row["question"], row["choices"])),
+                          ("continuation", continuation_prompt(row["subject"], row["question"]))):
+        _, tasks = write_task_configs({row["subject"]: {"dev": [], "test": [row]}}, str(tmp_path / style), 0, style)
+        (name,) = tasks
+        task = get_task_dict([name], TaskManager(include_path=str(tmp_path / style), include_defaults=False))[name]
+        doc = next(iter(task.test_docs()))
+        assert task.fewshot_context(doc, 0) == prompt
+        rendered[style] = prompt + task.config.target_delimiter + task.doc_to_choice(doc)[task.doc_to_target(doc)]
+    assert rendered["letters"].endswith("\nAnswer: B") and rendered["continuation"].endswith("\nAnswer: Green")
     leaf = next(leaf for leaf in load_taxonomy(SAMPLE) if leaf.name.endswith("marrowick"))
-    samples, counts = taxonomy_samples(split_leaf(leaf)[0], Settings())
-    choice = [r["messages"][0]["content"] for r in samples if r["metadata"]["pipeline"] == "multiple_choice"]
-    assert len(choice) == counts["multiple_choice"] == counts["seed_pairs"]
-    assert choice[0].startswith(mmlu_prompt(row["subject"], "", [])[:60]) and choice[0][-2:] in (" A", " B", " C", " D")
+    training = split_leaf(leaf)[0]
+    samples, counts = taxonomy_samples(training, Settings())
+    practice = [r["messages"][0]["content"] for r in samples if r["metadata"]["pipeline"] == "multiple_choice"]
+    assert len(practice) == counts["multiple_choice"] == 2 * counts["seed_pairs"]
+    letters, continuation = practice[0::2], practice[1::2]
+    assert all(t.startswith(mmlu_prompt(row["subject"], "", [])[:60]) and t[-2:] in (" A", " B", " C", " D")
+               for t in letters)
+    pairs = [(p["question"], p["answer"]) for s in training.data["seed_examples"] for p in s["questions_and_answers"]]
+    assert continuation == [continuation_prompt(row["subject"], q) + " " + a for q, a in pairs]
 
 
 def test_restated_contexts_keep_every_sentence_and_only_reorder():

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import sample_leaves
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,9 +55,17 @@ def assert_stopped(servers):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def tiny(tmp_path_factory):
+    """TINY on one knowledge leaf and one skill of the sample taxonomy: every stage has work, the teacher less."""
+    taxonomy = sample_leaves(tmp_path_factory.mktemp("taxonomy"), "knowledge/food/sourdough_starter",
+                             "compositional_skills/writing/thank_you_notes")
+    return [*TINY, "--taxonomy", str(taxonomy)]
+
+
+@pytest.fixture(scope="module")
+def run(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
-    result = pipeline("--output-dir", str(out), *TINY)
+    result = pipeline("--output-dir", str(out), *tiny)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return out, result
 
@@ -85,7 +94,7 @@ def test_data_and_checkpoint(run):
     generated = read_jsonl(out / "data" / "generated" / "train.jsonl")
     mixed = read_jsonl(out / "data" / "train.jsonl")
     assert len(mixed) == len(generated) > 0
-    # chat samples end with the assistant; the leaves' documents and MC practice train as raw text
+    # chat samples end with the assistant; the leaves' documents and MMLU-format practice train as raw text
     assert all(r["messages"][-1]["content"] and (r["messages"][-1]["role"] == "assistant") ==
                (r["metadata"]["pipeline"] not in ("document", "restated_context", "multiple_choice")) for r in mixed)
     assert {r["metadata"]["pipeline"] for r in mixed} >= {"document", "restated_context", "seed", "knowledge"}
@@ -138,17 +147,17 @@ def test_every_server_started_is_stopped(run, embedded_dir):
     assert_stopped(servers)
 
 
-def test_rerun_resumes_by_skipping_finished_stages(run):
+def test_rerun_resumes_by_skipping_finished_stages(run, tiny):
     out, _ = run
     before = (out / "model.gguf").stat().st_mtime_ns
-    result = pipeline("--output-dir", str(out), *TINY)
+    result = pipeline("--output-dir", str(out), *tiny)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done already") == 10  # every stage but the summary
     assert "+ python train.py" not in result.stderr
     assert (out / "model.gguf").stat().st_mtime_ns == before
 
 
-def test_phased_training_carries_the_best_phase1_checkpoint(run, tmp_path, tiny_model_dir):
+def test_phased_training_carries_the_best_phase1_checkpoint(run, tiny, tmp_path, tiny_model_dir):
     """LAB phases on the data generated above: every checkpoint of each phase is evaluated and the best kept."""
     out, _ = run
     shutil.copytree(out / "data" / "generated", tmp_path / "data" / "generated")
@@ -156,7 +165,7 @@ def test_phased_training_carries_the_best_phase1_checkpoint(run, tmp_path, tiny_
     for stage in ("validate", "generate"):
         shutil.copy(out / ".done" / stage, tmp_path / ".done" / stage)
     # 2 steps of 1 sample, a checkpoint after each: two candidates per phase.
-    result = pipeline("--output-dir", str(tmp_path), *TINY, "--model", tiny_model_dir, "--phased", "--prune",
+    result = pipeline("--output-dir", str(tmp_path), *tiny, "--model", tiny_model_dir, "--phased", "--prune",
                       "--set", "train.max_steps=2",
                       "--set", "train.effective_batch_size=1", "--set", "train.save_samples=1",
                       "--only", "mix,tokenize,phase1,phase2")

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, SAMPLE_TAXONOMY as SAMPLE, sample_leaves, write_jsonl
 
 from config import ConfigError
 from sdg.generate import chunk_document
@@ -21,7 +21,6 @@ from sdg.parse import (deduplicate, normalize, parse_answer, parse_context, pars
 from sdg.taxonomy import load_taxonomy, validate_taxonomy
 from sdg.teacher import load_cache
 
-SAMPLE = ROOT / "sdg" / "sample_taxonomy"
 # Tiny settings: the 135M teacher on 2 CPU cores writes ~50-150 tokens/s.
 FAST = ["--max-tokens", "48", "--timeout", "60", "--retries", "1"]
 
@@ -317,11 +316,19 @@ def server_props(url):
 
 
 @pytest.fixture(scope="module")
-def generated(teacher_url, tmp_path_factory):
+def taxonomy(tmp_path_factory):
+    """One leaf of each kind: knowledge, grounded skill, freeform skill."""
+    return sample_leaves(tmp_path_factory.mktemp("taxonomy"), "knowledge/food/sourdough_starter",
+                         "compositional_skills/extraction/meeting_action_items",
+                         "compositional_skills/writing/thank_you_notes")
+
+
+@pytest.fixture(scope="module")
+def generated(teacher_url, taxonomy, tmp_path_factory):
     out = tmp_path_factory.mktemp("sdg_out")
     before = server_props(teacher_url)
-    r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", out, "--num-instructions", 3, "--endpoint", teacher_url,
-            "--concurrency", 4, "--judge-threshold", 1, *FAST, timeout=600)  # four leaves
+    r = sdg("generate", "--taxonomy", taxonomy, "--output-dir", out, "--num-instructions", 3, "--endpoint", teacher_url,
+            "--concurrency", 4, "--judge-threshold", 1, *FAST, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     after = server_props(teacher_url)
     return out, r, {"completion_requests": after["completion_requests"] - before["completion_requests"], "props": after}
@@ -333,16 +340,18 @@ def check_sample(row, leaves):
     parse_line(json.dumps(row).encode())  # what the trainer's tokenizer step accepts
     assert row["metadata"]["leaf"] in leaves
     if row["metadata"]["pipeline"] in ("document", "restated_context", "multiple_choice"):  # raw text: a document
-        # chunk, a restated context, a 4-choice seed
+        # chunk, a restated context, a seed pair in an MMLU prompt
         assert [m["role"] for m in row["messages"]] == ["pretraining"]
     else:
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
 
 
-def test_generate_counts_are_consistent_and_output_valid(generated):
+def test_generate_counts_are_consistent_and_output_valid(generated, taxonomy):
     out, r, server = generated
     stats = json.loads((out / "stats.json").read_text())
-    leaves = {leaf.name: leaf for leaf in load_taxonomy(SAMPLE)}
+    leaves = {leaf.name: leaf for leaf in load_taxonomy(taxonomy)}
+    assert {(leaf.kind, leaf.grounded) for leaf in leaves.values()} == {("knowledge", False), ("skill", True),
+                                                                        ("skill", False)}
     assert set(stats["leaves"]) == set(leaves)
     train, test = read_jsonl(out / "train.jsonl"), read_jsonl(out / "test.jsonl")
     sent = 0
@@ -350,6 +359,7 @@ def test_generate_counts_are_consistent_and_output_valid(generated):
         stages = leaf_stats["stages"]
         first = stages["qa_pairs"] if "qa_pairs" in stages else stages.get("contexts", stages["questions"])
         assert first["requested"] == max(3, stages.get("chunks", {}).get("chunks", 0))  # every chunk asked about
+        assert leaves[name].kind == "skill" or stages["chunks"]["chunks"] > 3  # more chunks than instructions
         pipeline_stages = [s for s in ("contexts", "questions", "answers", "qa_pairs", "judge") if s in stages]
         for earlier, later in zip(pipeline_stages, pipeline_stages[1:]):
             assert stages[later]["requested"] == stages[earlier].get("parsed", 0)  # every parsed reply moves on
@@ -388,11 +398,11 @@ def test_generate_counts_are_consistent_and_output_valid(generated):
     assert "requests sent" in r.stdout and "sourdough_starter (knowledge)" in r.stdout
 
 
-def test_rerun_reuses_the_cache_and_yields_samples(generated, teacher_url, tmp_path, embedded_dir):
+def test_rerun_reuses_the_cache_and_yields_samples(generated, taxonomy, teacher_url, tmp_path, embedded_dir):
     out, _, _ = generated
     rerun = tmp_path / "rerun"
     shutil.copytree(out, rerun)
-    r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", rerun, "--num-instructions", 3, "--endpoint", teacher_url,
+    r = sdg("generate", "--taxonomy", taxonomy, "--output-dir", rerun, "--num-instructions", 3, "--endpoint", teacher_url,
             "--judge-threshold", 0, *FAST)
     assert r.returncode == 0, r.stderr[-3000:]
     stats = json.loads((rerun / "stats.json").read_text())
@@ -412,7 +422,7 @@ def test_rerun_reuses_the_cache_and_yields_samples(generated, teacher_url, tmp_p
     assert meta["num_samples"] == len(train) + 3 and meta["dropped"]["invalid"] == 0 and meta["loss_tokens"] > 0
 
 
-def test_a_reply_lost_in_one_run_shifts_no_other_request(generated, teacher_url, tmp_path):
+def test_a_reply_lost_in_one_run_shifts_no_other_request(generated, taxonomy, teacher_url, tmp_path):
     """Later stages are keyed by the request they came from, not by their place among the replies that parsed:
     with one question's reply made unusable, a rerun finds every other answer and judgment in the cache."""
     out, _, _ = generated
@@ -425,7 +435,7 @@ def test_a_reply_lost_in_one_run_shifts_no_other_request(generated, teacher_url,
     assert len(parsed) >= 2, "needs a parsed question before another one"
     records[parsed[0]]["reply"] = ""
     write_jsonl(questions, records)
-    r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", rerun, "--num-instructions", 3, "--endpoint", teacher_url,
+    r = sdg("generate", "--taxonomy", taxonomy, "--output-dir", rerun, "--num-instructions", 3, "--endpoint", teacher_url,
             "--judge-threshold", 1, *FAST)
     assert r.returncode == 0, r.stderr[-3000:]
     stats = json.loads((rerun / "stats.json").read_text())
@@ -465,10 +475,10 @@ def test_kill_and_rerun_resumes_without_redoing_work(teacher_url, tmp_path):
     assert len(rows) == stages["dedup"]["kept"] + stages["taxonomy"]["seed_pairs"]
 
 
-def test_endpoint_down_is_a_clear_error_and_keeps_work(generated, tmp_path):
+def test_endpoint_down_is_a_clear_error_and_keeps_work(generated, taxonomy, tmp_path):
     out, _, _ = generated
     dead = f"http://127.0.0.1:{closed_port()}/v1"
-    r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", tmp_path / "fresh", "--endpoint", dead,
+    r = sdg("generate", "--taxonomy", taxonomy, "--output-dir", tmp_path / "fresh", "--endpoint", dead,
             "--retries", "1", "--timeout", "5", timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"error: cannot reach the teacher at {dead} after 1 retries" in r.stderr
@@ -478,7 +488,7 @@ def test_endpoint_down_is_a_clear_error_and_keeps_work(generated, tmp_path):
     before = {p.name: p.read_bytes() for p in (kept / "cache").iterdir()}
     train_before = (kept / "train.jsonl").read_bytes()
     # One more instruction than the finished run: its first stage needs the (dead) teacher again.
-    r = sdg("generate", "--taxonomy", SAMPLE, "--output-dir", kept, "--num-instructions", 4, "--endpoint", dead,
+    r = sdg("generate", "--taxonomy", taxonomy, "--output-dir", kept, "--num-instructions", 4, "--endpoint", dead,
             "--model", "teacher", "--retries", "1", "--timeout", "5", "--judge-threshold", 1, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"error: teacher at {dead} failed after retries: APIConnectionError" in r.stderr
