@@ -120,8 +120,10 @@ lm = sharding.load_lm(sys.argv[1], cfg, rank, world_size, torch.float32, "sdpa_v
 model, _ = sharding.prepare(CausalLMWithLoss(lm), cfg, device, world_size, torch.float32,
                             lambda m: train.build_optimizer(m, cfg))
 timeout = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()
-print("RESULT", json.dumps({{"hf": checkpoint.needed_bytes(model, torch.bfloat16),
-                             "full": checkpoint.needed_bytes(model), "timeout_s": timeout}}), flush=True)
+# one file per rank: two ranks printing at once can interleave their lines on a busy machine
+with open(f"{out}/rank{{rank}}.json", "w") as f:
+    json.dump({{"hf": checkpoint.needed_bytes(model, torch.bfloat16), "full": checkpoint.needed_bytes(model),
+               "timeout_s": timeout}}, f)
 dist.destroy_process_group()
 """
 
@@ -134,13 +136,13 @@ def test_save_space_estimate_is_the_whole_model_on_every_rank(tmp_path, tiny_mod
     whole model once, not world_size times, nor nothing. The group's timeout is the configured one."""
     from transformers import AutoModelForCausalLM
     worker = tmp_path / "worker.py"
-    worker.write_text(WORKER.format(root=str(ROOT)))
+    worker.write_text(WORKER.format(root=str(ROOT), out=str(tmp_path)))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                         str(worker), tiny_model_dir, "distributed_timeout_minutes=7",
                         *[f"{k}={v}" for k, v in backend.items()]],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in r.stdout.splitlines() if "RESULT " in line]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     numel = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     assert results == [{"hf": 2 * numel, "full": (4 + 8) * numel, "timeout_s": 420.0}] * 2
 
