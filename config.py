@@ -223,7 +223,7 @@ def detect_profile() -> str:
 
 
 def load_profile(name: str | None) -> dict:
-    """A profile file's sections (train, generate, evaluate); `auto` picks one from the hardware."""
+    """A profile file's sections (train, generate, mix, evaluate); `auto` picks one from the hardware."""
     if not name or name == "none":
         return {}
     name = detect_profile() if name == "auto" else name
@@ -236,7 +236,7 @@ def load_profile(name: str | None) -> dict:
     return data
 
 
-# The generate/evaluate keys of a profile, with the value used where a profile leaves one out: the one place these
+# The generate/mix/evaluate keys of a profile, with the value used where a profile leaves one out: the one place these
 # defaults live. pipeline.sh (through phases.py), `python -m sdg generate`, `python -m eval.*` and `python -m
 # serve.chat` all read them with stage_settings, so a stage run alone behaves as it does in the pipeline.
 STAGE_DEFAULTS = {
@@ -244,11 +244,14 @@ STAGE_DEFAULTS = {
                  "endpoint": "", "model": ""},  # teacher; "" = the embedded model, served for the stage
     "evaluate": {"few_shots": 0, "batch_size": 4, "max_tokens": 128, "judge_max_tokens": 256, "mmlu_limit": 0,
                  "mt_bench_limit": 0, "chat_max_tokens": 128, "heldout_max_tokens": 32, "phased": False},
+    # Copies of each knowledge sample per epoch in the single-phase mix: facts need more passes than a skill's few
+    # examples, which overfit after one or two (README "Learning you can see").
+    "mix": {"knowledge_repeats": 1},
 }
 
 
 def stage_settings(profile: str | None, sets: list[str] = ()) -> dict[str, dict]:
-    """The profile's generate/evaluate sections with `section.key=value` overrides; unknown keys fail with the
+    """The profile's generate/mix/evaluate sections with `section.key=value` overrides; unknown keys fail with the
     valid ones. `train.*` overrides are left to load_config."""
     data = load_profile(profile)
     problems = []

@@ -1,7 +1,7 @@
 """Small steps pipeline.sh needs between the tools: settings, data split, checkpoint picking, the final summary.
 
     python phases.py settings --profile cpu [--set generate.num_instructions=2 ...]   # shell assignments
-    python phases.py split TRAIN_JSONL OUT_DIR          # knowledge.jsonl (phase 1) + skills.jsonl (phase 2)
+    python phases.py split TRAIN_JSONL OUT_DIR [--phased]  # knowledge.jsonl (phase 1) + skills.jsonl (phase 2)
     python phases.py question TEST_JSONL                # the first held-out seed question, for the chat check
     python phases.py run-yaml FILE key=value ...        # a checked train config for one phase
     python phases.py wait-server URL PID LOG            # block until a background `python -m serve` answers
@@ -27,7 +27,7 @@ from eval import report
 from eval.mt_bench import read_jsonl as eval_read_jsonl
 
 def settings(profile: str, sets: list[str]) -> dict[str, dict]:
-    """The profile's generate/evaluate settings (config.stage_settings) and the train profile and overrides."""
+    """The profile's generate/mix/evaluate settings (config.stage_settings) and the train profile and overrides."""
     chosen = stage_settings(profile, sets)
     train_overrides = [s.removeprefix("train.") for s in sets if s.startswith("train.")]
     chosen["train"] = {"overrides": " ".join(shlex.quote(s) for s in train_overrides),
@@ -89,7 +89,8 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def split(args) -> None:
-    """Knowledge samples train phase 1, skill samples phase 2 (LAB); every sample lands in exactly one file."""
+    """Knowledge samples (phase 1 of LAB) and skill samples (phase 2); every sample lands in exactly one file. The
+    single-phase mix repeats the knowledge part, so there either part may be empty; --phased needs both."""
     records = read_jsonl(args.train_jsonl)
     def is_knowledge(r):  # the leaf's kind, as sdg/taxonomy.py decided it; samples from elsewhere train skills
         return r.get("metadata", {}).get("kind") == "knowledge"
@@ -98,7 +99,7 @@ def split(args) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("knowledge", knowledge), ("skills", skills)):
-        if not part:
+        if not part and args.phased:
             raise ConfigError(f"{args.train_jsonl} has no {name} samples; add a {name} leaf to the taxonomy "
                               "or run without --phased")
         write_jsonl(out / f"{name}.jsonl", part)
@@ -252,6 +253,7 @@ def main(argv=None) -> None:
     s = sub.add_parser("split")
     s.add_argument("train_jsonl")
     s.add_argument("out_dir")
+    s.add_argument("--phased", action="store_true", help="fail unless both parts have samples")
     s.set_defaults(run=split)
     s = sub.add_parser("question")
     s.add_argument("test_jsonl")

@@ -145,7 +145,7 @@ fi
 if begin mix; then
   if [[ $PHASED == true ]]; then
     # LAB: knowledge first, then skills with a replay of the knowledge so phase 2 does not forget it.
-    run python phases.py split "$GEN/train.jsonl" "$DATA"
+    run python phases.py split "$GEN/train.jsonl" "$DATA" --phased
     printf 'output: phase1.jsonl\nexclude: [generated/test.jsonl]\ndatasets:\n  - {path: knowledge.jsonl, ratio: 1.0}\n' \
       > "$DATA/phase1_recipe.yaml"
     printf 'output: phase2.jsonl\nexclude: [generated/test.jsonl]\ndatasets:\n  - {path: skills.jsonl, ratio: 1.0}\n%s\n' \
@@ -154,7 +154,10 @@ if begin mix; then
     run python -m sdg mix "$DATA/phase1_recipe.yaml"
     run python -m sdg mix "$DATA/phase2_recipe.yaml"
   else
-    printf 'output: train.jsonl\nexclude: [generated/test.jsonl]\ndatasets:\n  - {path: generated/train.jsonl, ratio: 1.0}\n' \
+    # Knowledge samples repeated within each epoch: facts need more passes than a skill's few examples take.
+    run python phases.py split "$GEN/train.jsonl" "$DATA"
+    printf 'output: train.jsonl\nexclude: [generated/test.jsonl]\ndatasets:\n%s\n%s\n' \
+      "  - {path: knowledge.jsonl, ratio: $MIX_KNOWLEDGE_REPEATS}" '  - {path: skills.jsonl, ratio: 1.0}' \
       > "$DATA/train_recipe.yaml"
     run python -m sdg mix "$DATA/train_recipe.yaml"
   fi

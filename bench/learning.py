@@ -6,7 +6,8 @@ base vs trained, time it. The README "Learning you can see" table rows come from
     python bench/learning.py --leaf marrowick --restatements 0 --set learning_rate=5e-4 --set num_epochs=10
 
 Training data is what `sdg generate` writes for the leaf without the teacher's pairs (sdg.generate.taxonomy_samples:
-training seed pairs, document chunks and their restatements, 4-choice practice); the held-out half never trains.
+training seed pairs, document chunks and their restatements, 4-choice practice), each sample repeated as the cpu
+profile's mix.knowledge_repeats says (pipeline.sh's mix); the held-out half never trains.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import time  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 from bench.common import ROOT, environment, run_train_py, save_result, write_jsonl  # noqa: E402
-from config import EMBEDDED_MODEL, exit_on_error  # noqa: E402
+from config import EMBEDDED_MODEL, exit_on_error, stage_settings  # noqa: E402
 
 
 def leaf_data(taxonomy: str, name: str, restatements: int) -> tuple[list[dict], list[dict], dict]:
@@ -47,6 +48,8 @@ def main() -> None:
     p.add_argument("--taxonomy", default=str(ROOT / "sdg" / "sample_taxonomy"))
     p.add_argument("--leaf", required=True, help="a knowledge leaf's name or its last part")
     p.add_argument("--restatements", type=int, default=2, help="as sdg generate --restatements")
+    p.add_argument("--knowledge-repeats", type=int, default=stage_settings("cpu")["mix"]["knowledge_repeats"],
+                   help="copies of each sample per epoch (default: the cpu profile's mix.knowledge_repeats)")
     p.add_argument("--set", action="append", default=[], help="train.py override on top of --profile cpu")
     p.add_argument("--model", default=EMBEDDED_MODEL)
     p.add_argument("--timeout", type=float, default=3600)
@@ -58,7 +61,8 @@ def main() -> None:
     try:
         samples, held, counts = leaf_data(args.taxonomy, args.leaf, args.restatements)
         write_jsonl(work / "test.jsonl", held)
-        overrides = [f"model_path={args.model}", f"data_path={write_jsonl(work / 'train.jsonl', samples)}",
+        training = write_jsonl(work / "train.jsonl", samples * args.knowledge_repeats)
+        overrides = [f"model_path={args.model}", f"data_path={training}",
                      f"data_output_dir={work / 'tok'}", f"ckpt_output_dir={work / 'run'}",
                      "keep_last_checkpoint_only=true", "resume=false", *args.set]
         start = time.perf_counter()

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ TINY = ["--profile", "cpu",
         "--set", "generate.num_instructions=3", "--set", "generate.max_tokens=48",
         "--set", "evaluate.mmlu_limit=3", "--set", "evaluate.mt_bench_limit=1", "--set", "evaluate.max_tokens=24",
         "--set", "evaluate.judge_max_tokens=48", "--set", "evaluate.chat_max_tokens=16",
-        "--set", "evaluate.heldout_max_tokens=4",
+        "--set", "evaluate.heldout_max_tokens=4", "--set", "mix.knowledge_repeats=2",
         "--set", "train.max_steps=1", "--set", "train.max_seq_len=256", "--set", "train.max_batch_len=1024",
         "--set", "train.effective_batch_size=2"]
 
@@ -74,6 +75,10 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def multiset(records):
+    return Counter(json.dumps(r, sort_keys=True) for r in records)
+
+
 def is_png(path):
     return Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -93,7 +98,11 @@ def test_data_and_checkpoint(run):
     out, _ = run
     generated = read_jsonl(out / "data" / "generated" / "train.jsonl")
     mixed = read_jsonl(out / "data" / "train.jsonl")
-    assert len(mixed) == len(generated) > 0
+    # mix.knowledge_repeats=2: every knowledge sample twice per epoch, every skill sample once, nothing else
+    knowledge = [r for r in generated if r["metadata"]["kind"] == "knowledge"]
+    skills = [r for r in generated if r["metadata"]["kind"] != "knowledge"]
+    assert knowledge and skills
+    assert multiset(mixed) == multiset(knowledge * 2 + skills)
     # chat samples end with the assistant; the leaves' documents and MMLU-format practice train as raw text
     assert all(r["messages"][-1]["content"] and (r["messages"][-1]["role"] == "assistant") ==
                (r["metadata"]["pipeline"] not in ("document", "restated_context", "multiple_choice")) for r in mixed)
