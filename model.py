@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import EMBEDDED_MODEL, ConfigError, cache_dir, embedded_gguf_path
+from tokenize_data import load_tokenizer  # noqa: F401  (defined there so tokenizing never imports this module)
 
 IGNORE = -100
 # Layers that carry state along the sequence mix packed samples; the block mask cannot stop that.
@@ -86,14 +87,6 @@ def embedded_model_dir() -> str:
     except OSError:  # another process finished first; its folder is complete
         shutil.rmtree(tmp, ignore_errors=True)
     return str(final)
-
-
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a tokenizer from '{model_path}': {e}") from None
 
 
 def model_config(model_path: str, trust_remote_code=False):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import sys
+from array import array
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -31,8 +33,17 @@ CHUNK_LINES = 512
 IGNORE = -100
 
 
+def load_tokenizer(model_path: str):
+    """Here, not in model.py (which imports it from here): model.py's imports (transformers' modeling code) are a
+    fifth of this script's start-up, and tokenizing needs none of them."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from '{model_path}': {e}") from None
+
+
 def _init_worker(model_path: str, chat_template: str | None, max_seq_len: int):
-    from model import load_tokenizer
     tok = load_tokenizer(model_path)
     _worker.update(tok=tok, template=chat_template, max_seq_len=max_seq_len, added=tuple(tok.get_added_vocab()),
                    args=(model_path, chat_template, max_seq_len))
@@ -199,12 +210,18 @@ def tokenizer_sha256(model_path: str) -> str:
 def _write_arrays(data_path: str, tmp: Path, num_proc: int, skip_invalid: bool, init_args) -> dict:
     hasher = hashlib.sha256()
     counts = {"too_long": 0, "no_loss_tokens": 0, "invalid": 0}
-    lengths, loss_tokens, open_turns = [], 0, 0
-    pool = Pool(num_proc, initializer=_init_pool_worker, initargs=init_args) if num_proc > 1 else None
-    results = (pool.imap if pool else map)(tokenize_chunk, read_chunks(data_path, hasher))
+    lengths, loss_tokens, open_turns = array("q"), 0, 0  # 8 bytes a sample: all the memory that grows with the data
+    chunks = read_chunks(data_path, hasher)
+    head = list(itertools.islice(chunks, 2))
+    # a single chunk would keep one worker busy and the rest idle: in this process encode_batch can use every core
+    pool = Pool(num_proc, initializer=_init_pool_worker, initargs=init_args) if num_proc > 1 and len(head) > 1 \
+        else None
+    results = (pool.imap if pool else map)(tokenize_chunk, itertools.chain(head, chunks))
     try:
-        with open(tmp / "ids.bin", "wb") as fi, open(tmp / "labels.bin", "wb") as fl, \
+        with open(tmp / "input_ids.npy", "wb") as fi, open(tmp / "labels.npy", "wb") as fl, \
                 open(tmp / "rejects.jsonl", "w") as fr:
+            _npy_header(fi, np.uint32, 0)
+            _npy_header(fl, np.int32, 0)
             for res in results:
                 if res["rejects"] and not skip_invalid:
                     lineno, reason, _ = res["rejects"][0]
@@ -221,32 +238,33 @@ def _write_arrays(data_path: str, tmp: Path, num_proc: int, skip_invalid: bool, 
                     fl.write(labels.tobytes())
                     loss_tokens += int((labels[1:] != IGNORE).sum())
                 lengths.extend(res["lengths"])
+            total = sum(lengths)
+            for f, dtype in ((fi, np.uint32), (fl, np.int32)):
+                f.seek(0)
+                _npy_header(f, dtype, total)
     finally:
         if pool:
             pool.terminate()
     if not lengths:
         raise ConfigError(f"{data_path}: no sample left to train on (dropped: {counts}); check max_seq_len "
                           "and that samples have assistant turns")
-    _bin_to_npy(tmp / "ids.bin", tmp / "input_ids.npy", np.uint32)
-    _bin_to_npy(tmp / "labels.bin", tmp / "labels.npy", np.int32)
-    np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    lengths = np.frombuffer(lengths, dtype=np.int64)
+    np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
     if not counts["invalid"]:
         (tmp / "rejects.jsonl").unlink()
-    hist, edges = np.histogram(lengths, bins=min(20, len(set(lengths))))
+    hist, edges = np.histogram(lengths, bins=min(20, len(np.unique(lengths))))
     return {"source": os.path.abspath(data_path), "source_sha256": hasher.hexdigest(), "num_samples": len(lengths),
-            "dropped": counts, "total_tokens": int(sum(lengths)), "loss_tokens": loss_tokens,
+            "dropped": counts, "total_tokens": int(total), "loss_tokens": loss_tokens,
             "turns_without_end": open_turns,
             "length_histogram": {"edges": [int(e) for e in edges], "counts": hist.tolist()}}
 
 
-def _bin_to_npy(raw: Path, out: Path, dtype):
-    """Raw bytes streamed to disk during tokenization -> .npy, without holding the array in memory."""
-    n = raw.stat().st_size // np.dtype(dtype).itemsize
-    arr = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=(n,))
-    arr[:] = np.memmap(raw, dtype=dtype, mode="r", shape=(n,)) if n else arr[:]
-    arr.flush()
-    del arr
-    raw.unlink()
+def _npy_header(f, dtype, n: int):
+    """The header np.save writes for n values of dtype. Its length does not depend on n (numpy pads it for growing
+    arrays), so it is written before the values, whose count is known only at the end, and rewritten over then:
+    the arrays stream to their files, never held in memory nor copied."""
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             "fortran_order": False, "shape": (n,)})
 
 
 def load_tokenized(data_dir: str) -> dict:
@@ -289,8 +307,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "skip_invalid")}
     cfg = load_config(args.config, overrides)
-    from model import resolve_model_path
-    model_path = resolve_model_path(cfg.model_path)
+    model_path = cfg.model_path
+    if not os.path.isdir(model_path):  # a folder is used as is; model.py (the embedded export) costs seconds to import
+        from model import resolve_model_path
+        model_path = resolve_model_path(model_path)
     meta = tokenize_dataset(cfg.data_path, model_path, cfg.data_output_dir, cfg.max_seq_len, cfg.chat_tmpl_path,
                             cfg.num_proc, args.skip_invalid)
     print(summary(meta, cfg.data_output_dir))

@@ -1,14 +1,21 @@
-"""Tokenization throughput: tokenize_data.py against a straightforward per-sample `apply_chat_template` loop.
+"""Tokenization: tokenize_data.py against the floor any tokenizer of these conversations pays, and against a
+straightforward per-sample `apply_chat_template` loop.
 
-    python bench/tokenize.py [--samples 20000] [--median-words 200] [--num-proc 1 2]
+    python bench/tokenize.py [--samples 20000] [--median-words 200] [--num-proc 2 1] [--data-process-python PY]
 
 Data: synthetic system/user/assistant conversations, lognormal lengths (a few hundred tokens), words drawn
-Zipf-like from the tokenizer's own ~31k whole-word tokens, as words occur in real text. Baselines, run on the
-same data in the same process, single-process as such a loop is usually written:
-  chat_template_ids     apply_chat_template(messages, tokenize=True) per sample: token ids only, no loss mask
-  chat_template_prefix  the same plus the usual prefix trick for the loss mask (render up to each assistant turn)
-tokenize_data.py does more than the first (JSON validation, loss mask, files on disk) and is timed end to end,
-tokenizer loading and worker start included.
+Zipf-like from the tokenizer's own ~31k whole-word tokens, as words occur in real text. All on the same data in one
+run:
+  tokenize_data num_proc=N  tokenize_data.py as users run it, in its own process and timed end to end: imports,
+                            tokenizer load and worker start included (JSON validation, loss masks, files on disk)
+  floor                     what no tokenizer of these conversations avoids: render each with the chat template,
+                            the Rust tokenizer's encode_batch of the texts on every core, the ids written with numpy
+  chat_template_ids         apply_chat_template(messages, tokenize=True) per sample: token ids only, no loss mask
+  chat_template_prefix      the same plus the usual prefix trick for the loss mask (render up to each assistant turn)
+  data_process              instructlab.training's data_process CLI, where --data-process-python (default: this
+                            one) imports it; else printed as skipped, with why. It drops samples under 20 tokens.
+Each method's wall time is printed against the floor's; the baselines run in this process, single-process as such
+a loop is usually written.
 """
 from __future__ import annotations
 
@@ -20,17 +27,20 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bench.common import environment, save_result, write_jsonl  # noqa: E402
+from bench.common import ROOT, environment, save_result, write_jsonl  # noqa: E402
 
 from config import exit_on_error  # noqa: E402
 from model import load_tokenizer, resolve_model_path  # noqa: E402
-from tokenize_data import tokenize_dataset  # noqa: E402
+
+MAX_SEQ_LEN = 1 << 20  # nothing dropped for length: every method counts every sample
 
 
 def vocab_conversations(tok, n: int, median_words: int, seed: int) -> list[dict]:
@@ -71,41 +81,106 @@ def chat_template_prefix(tok, rows: list[dict]) -> int:
     return tokens
 
 
+def floor(tok, rows: list[dict], out: Path) -> dict:
+    """Render, encode_batch on every core (TOKENIZERS_PARALLELISM is set for it in main), write: each part timed."""
+    start = time.perf_counter()
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    rendered = time.perf_counter()
+    encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    encoded = time.perf_counter()
+    ids = [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
+    out.mkdir()
+    np.save(out / "input_ids.npy", np.concatenate(ids))
+    np.save(out / "offsets.npy", np.concatenate([[0], np.cumsum([len(i) for i in ids])]))
+    end = time.perf_counter()
+    return {"tokens": sum(len(i) for i in ids), "seconds": end - start, "render_s": rendered - start,
+            "encode_batch_s": encoded - rendered, "write_s": end - encoded,
+            "encode_threads": int(os.environ.get("RAYON_NUM_THREADS") or 0) or os.cpu_count()}
+
+
+def run_timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
+    return seconds
+
+
+def tokenize_data_cli(src: Path, model_path: str, out: Path, num_proc: int) -> dict:
+    seconds = run_timed([sys.executable, "tokenize_data.py", "--config", "", f"--data-path={src}",
+                         f"--model-path={model_path}", f"--data-output-dir={out}", f"--max-seq-len={MAX_SEQ_LEN}",
+                         f"--num-proc={num_proc}"])
+    return {"tokens": json.loads((out / "meta.json").read_text())["total_tokens"], "seconds": seconds}
+
+
+def data_process_missing(python: str) -> str | None:
+    """Why instructlab.training's data_process cannot run with this python (the import's error), or None."""
+    r = subprocess.run([python, "-c", "import instructlab.training"], capture_output=True, text=True)
+    if r.returncode == 0:
+        return None
+    lines = r.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit status {r.returncode}"
+
+
+def data_process(python: str, src: Path, model_path: str, out: Path, num_proc: int) -> dict:
+    seconds = run_timed([python, "-m", "instructlab.training.data_process", "--data_path", str(src),
+                         "--data_output_path", str(out), "--max_seq_len", str(MAX_SEQ_LEN),
+                         "--model_name_or_path", model_path, "--num_cpu_procs", str(num_proc)])
+    with open(out / "data.jsonl") as f:
+        return {"tokens": sum(len(json.loads(line)["input_ids"]) for line in f), "seconds": seconds}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=20000)
     p.add_argument("--median-words", type=int, default=200)
     p.add_argument("--num-proc", type=int, nargs="+", default=[2, 1])
     p.add_argument("--model-path", default="embedded")
+    p.add_argument("--data-process-python", default=sys.executable,
+                   help="a python that imports instructlab.training (a venv of its own is fine)")
     p.add_argument("--json", help="where to write the result (default runs/bench/tokenize.json)")
     args = p.parse_args()
+    # the floor encodes on every core, as a single-process tokenize_data.py does (its workers use one thread each)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     model_path = resolve_model_path(args.model_path)
     tok = load_tokenizer(model_path)
     rows = vocab_conversations(tok, args.samples, args.median_words, seed=0)
     work = Path(tempfile.mkdtemp(prefix="minilab-bench-tok-"))
-    results = {"env": environment(), "samples": args.samples, "median_words": args.median_words, "runs": {}}
+    results = {"env": environment(), "samples": args.samples, "median_words": args.median_words, "runs": {},
+               "skipped": {}}
+    runs = results["runs"]
     try:
         src = write_jsonl(work / "conversations.jsonl", rows)
+        runs["floor"] = floor(tok, rows, work / "floor")
         for n in args.num_proc:
-            start = time.perf_counter()
-            meta = tokenize_dataset(str(src), model_path, str(work / f"out{n}"), 1 << 20, num_proc=n)
-            results["runs"][f"tokenize_data num_proc={n}"] = {"tokens": meta["total_tokens"],
-                                                                "seconds": time.perf_counter() - start}
+            runs[f"tokenize_data num_proc={n}"] = tokenize_data_cli(src, model_path, work / f"out{n}", n)
         for name, fn in (("chat_template_ids", chat_template_ids), ("chat_template_prefix", chat_template_prefix)):
             start = time.perf_counter()
             tokens = fn(tok, rows)
-            results["runs"][name] = {"tokens": tokens, "seconds": time.perf_counter() - start}
+            runs[name] = {"tokens": tokens, "seconds": time.perf_counter() - start}
+        missing = data_process_missing(args.data_process_python)
+        if missing:
+            results["skipped"]["data_process"] = f"{args.data_process_python}: {missing}"
+        else:
+            runs["data_process"] = data_process(args.data_process_python, src, model_path, work / "dp",
+                                                max(args.num_proc))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    base = results["runs"]["chat_template_ids"]
-    base_rate = base["tokens"] / base["seconds"]
+    base, fl = runs["chat_template_ids"], runs["floor"]
     print(json.dumps(results["env"]))
     print(f"{args.samples} conversations, {base['tokens'] / args.samples:.0f} tokens each on average")
-    print(f"{'method':32} {'tokens/s':>10} {'vs chat_template_ids':>21}")
-    for name, r in results["runs"].items():
+    print(f"floor: render {fl['render_s']:.2f} s + encode_batch {fl['encode_batch_s']:.2f} s on "
+          f"{fl['encode_threads']} threads + write {fl['write_s']:.2f} s")
+    print(f"{'method':32} {'seconds':>8} {'tokens/s':>10} {'vs chat_template_ids':>21} {'time vs floor':>14}")
+    for name, r in runs.items():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        r["ratio"] = r["tokens_per_s"] / base_rate
-        print(f"{name:32} {r['tokens_per_s']:10.0f} {r['ratio']:20.2f}x")
+        r["ratio"] = r["tokens_per_s"] / (base["tokens"] / base["seconds"])
+        r["time_vs_floor"] = r["seconds"] / fl["seconds"]
+        print(f"{name:32} {r['seconds']:8.2f} {r['tokens_per_s']:10.0f} {r['ratio']:20.2f}x "
+              f"{r['time_vs_floor']:13.2f}x")
+    for name, why in results["skipped"].items():
+        print(f"{name:32} skipped: {why}")
     print(f"saved {save_result('tokenize', results, args.json)}")
 
 

@@ -1,13 +1,16 @@
-"""Training throughput: train.py against a Hugging Face `Trainer` with padded batches and against the raw
-forward+backward of the same packed rows (the compute limit).
+"""Training throughput: train.py against the peers a user would pick instead and against the raw forward+backward
+of the same packed rows (the compute limit), from one run.
 
     python bench/train_throughput.py [--samples 48] [--median-words 50] [--steps 4] [--warmup 2] [--ladder]
 
-Same model (the embedded SmolLM2-135M-Instruct, fp32), same tokenized lognormal-length conversations,
-same optimizer steps (the sampler's plan: `effective_batch_size` samples each, fed to the Trainer in that order,
-padded to the longest sample of each batch), same optimizer (fused AdamW), same thread count. Every figure counts
-real tokens only; the first `--warmup` steps of each method are not timed. The bench also times train.py from
-outside (when each line of its metrics.jsonl appears) and checks that the logged tokens_per_s agrees with that.
+Same model (the embedded SmolLM2-135M-Instruct), same tokenized lognormal-length conversations, same dtype (`auto`
+as users get it: bf16 autocast on a CPU with native bf16, else fp32; --dtype to fix it), same optimizer (fused
+AdamW, constant lr), same thread count. Peers (--peers): the HF `Trainer` fed the sampler's steps in order, padded
+to each batch's longest sample or flattened padding-free (DataCollatorWithFlattening), and TRL's SFTTrainer with
+packing=True (bfd), skipped when trl is not installed. For each packing peer the bench checks whether a packed
+row's attention stays inside each sample: the logits of two samples packed by its collator against each alone.
+Every figure counts real tokens only; the first `--warmup` steps of each method are not timed. The bench also times
+train.py from outside (when each line of its metrics.jsonl appears) and checks that the logged step times agree.
 
     --ladder    also times the raw forward+backward with each optimization of model.py switched off in turn, and
                 the optimizer step with torch's default (foreach) AdamW against the fused one train.py uses
@@ -21,6 +24,7 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -36,30 +40,74 @@ from bench.tokenize import vocab_conversations  # noqa: E402
 
 import sampler  # noqa: E402
 import train  # noqa: E402
-from config import EMBEDDED_MODEL, exit_on_error, load_config  # noqa: E402
+from config import EMBEDDED_MODEL, ConfigError, exit_on_error, load_config  # noqa: E402
+from hardware import compute_dtype  # noqa: E402
 from model import (CausalLMWithLoss, attention_backend, load_model, load_tokenizer, pack,  # noqa: E402
                    resolve_model_path)
 from tokenize_data import tokenize_dataset  # noqa: E402
 
 
-def hf_trainer_steps(model_path: str, data: dict, plan: list[dict], lr: float, out_dir: Path) -> list[tuple]:
-    """(seconds, real tokens) per optimizer step of transformers.Trainer: one padded batch per step."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
-    tok = load_tokenizer(model_path)
+PEERS = ("hf_trainer_padded", "hf_trainer_flattened", "trl_sft_packed")
+LEAK_TOLERANCE = 1e-3  # fp32 logits of one sample, packed or alone, differ by ~1e-5 (other matmul shapes)
+
+
+def plan_rows(data: dict, plan: list[dict]) -> list[dict]:
+    """The plan's samples in its order, as the peers' datasets hold them (labels: -100 where no loss)."""
     order = [int(i) for step in plan for micro in step["micro_batches"] for rank in micro for i in rank]
-    rows = []
-    for i in order:
-        ids, labels = train.sample(data, i)
-        rows.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "attention_mask": [1] * len(ids)})
-    pad = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100, return_tensors="pt")
+    return [dict(zip(("input_ids", "labels"), (a.tolist() for a in train.sample(data, i)))) for i in order]
+
+
+def packing_leak(model, collate, rows: list[dict]) -> float:
+    """Largest |logit| difference between two samples packed into one row by `collate` and each run alone: ~1e-5
+    when the packed row's attention stays inside each sample, O(1) when the second sample sees the first."""
+    batch = collate(rows[:2])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():  # no KV cache, as in training: with one, transformers does not look for packed samples
+        packed = model(**inputs, use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in rows[:2]])
+    return float((packed[:alone.shape[0]] - alone).abs().max())
+
+
+def peer_steps(peer: str, model_path: str, rows: list[dict], num_steps: int, samples_per_step: int,
+               tokens_per_row: int, lr: float, bf16: bool, out_dir: Path) -> tuple[list[tuple], float | None]:
+    """(seconds, real tokens) per optimizer step of a peer trainer, and its packing_leak (None: nothing packed).
+
+    hf_trainer_padded     transformers.Trainer, each step's samples padded to its longest (DataCollatorForSeq2Seq)
+    hf_trainer_flattened  the same Trainer, each step's samples flattened into one row (DataCollatorWithFlattening)
+    trl_sft_packed        TRL's SFTTrainer, packing=True (bfd, padding-free): rows of about a train.py step's tokens
+    """
+    from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
+                              TrainingArguments)
+    tok = load_tokenizer(model_path)
+    lm = load_model(model_path, torch.float32, "sdpa")
+    common = dict(output_dir=str(out_dir), max_steps=num_steps, learning_rate=lr, lr_scheduler_type="constant",
+                  weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch_fused",
+                  logging_strategy="no", save_strategy="no", report_to=[], use_cpu=True, bf16=bf16,
+                  dataloader_num_workers=0, train_sampling_strategy="sequential", disable_tqdm=True)
+    if peer == "trl_sft_packed":
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+        args = SFTConfig(**common, per_device_train_batch_size=1, packing=True, packing_strategy="bfd",
+                         max_length=tokens_per_row)
+        trainer = SFTTrainer(model=lm, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        collate, count = trainer.data_collator, lambda batch: int(batch["input_ids"].numel())
+    else:
+        if peer == "hf_trainer_padded":
+            collate = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100, return_tensors="pt")
+            rows = [dict(r, attention_mask=[1] * len(r["input_ids"])) for r in rows]
+            count = lambda batch: int(batch["attention_mask"].sum())  # noqa: E731
+        else:
+            collate, count = DataCollatorWithFlattening(), lambda batch: int(batch["input_ids"].numel())
+        args = TrainingArguments(**common, per_device_train_batch_size=samples_per_step, remove_unused_columns=False)
+        trainer = Trainer(model=lm, args=args, train_dataset=rows, data_collator=collate)
+    leak = None if peer == "hf_trainer_padded" else packing_leak(lm.eval(), collate, rows)
     real_tokens: list[int] = []
-
-    def collate(features):
-        batch = pad(features)
-        real_tokens.append(int(batch["attention_mask"].sum()))
-        return batch
-
     times: list[float] = []
+
+    def counted(features):
+        batch = collate(features)
+        real_tokens.append(count(batch))
+        return batch
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -68,15 +116,11 @@ def hf_trainer_steps(model_path: str, data: dict, plan: list[dict], lr: float, o
         def on_step_end(self, args, state, control, **kwargs):
             times.append(time.perf_counter() - self.start)
 
-    batch_size = plan[0]["num_samples"]
-    args = TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=batch_size, max_steps=len(plan),
-                             learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, adam_beta1=0.9,
-                             adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch_fused", logging_strategy="no",
-                             save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
-                             train_sampling_strategy="sequential", remove_unused_columns=False, disable_tqdm=True)
-    lm = load_model(model_path, torch.float32, "sdpa")
-    Trainer(model=lm, args=args, train_dataset=rows, data_collator=collate, callbacks=[StepTimer()]).train()
-    return list(zip(times, real_tokens))
+    trainer.data_collator = counted
+    trainer.add_callback(StepTimer())
+    lm.train()
+    trainer.train()
+    return list(zip(times, real_tokens)), leak
 
 
 LADDER = {  # name: (attention, boolean mask, chunked cross-entropy, loss over every position's logits, bf16)
@@ -155,10 +199,17 @@ def main():
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed for the train.py run")
     p.add_argument("--model-path", default=EMBEDDED_MODEL, help="an HF folder (the tests use a tiny model)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="train.py's dtype, and the same for every peer and the raw fwd+bwd (auto: what users get)")
+    p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
     p.add_argument("--ladder", action="store_true", help="also time each model.py optimization switched off")
     p.add_argument("--json", help="where to write the result (default runs/bench/train_throughput.json)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed bench still stops train.py and cleans up
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        raise ConfigError(f"--peers: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
     model_path = resolve_model_path(args.model_path)
     total_steps = args.warmup + args.steps
     n = max(args.samples, total_steps * args.effective_batch_size)
@@ -172,7 +223,7 @@ def main():
                      "ckpt_output_dir": work / "run", "max_seq_len": 512, "max_batch_len": 4096,
                      "effective_batch_size": args.effective_batch_size, "max_steps": total_steps, "num_epochs": 1,
                      "learning_rate": 2e-5, "lr_scheduler": "constant", "warmup_steps": 0, "lora.rank": 0,
-                     "dtype": "float32", "checkpoint_at_epoch": False, "keep_last_checkpoint_only": True,
+                     "dtype": args.dtype, "checkpoint_at_epoch": False, "keep_last_checkpoint_only": True,
                      "random_seed": args.seed, "num_proc": 1, "resume": "false", "distributed_backend": "none"}
         overrides = [f"{k}={v}" for k, v in overrides.items()]
         cfg = load_config(None, overrides)
@@ -182,24 +233,38 @@ def main():
         step_tokens = [sum(int(data["lengths"][i]) for m in s["micro_batches"] for r in m for i in r) for s in plan]
 
         # the compute limit first, while this process is as fresh as train.py's: a warm allocator is worth ~5%
+        bf16 = compute_dtype(cfg, torch.device("cpu")) == torch.bfloat16
         attn = attention_backend(torch.device("cpu"))
         model = CausalLMWithLoss(load_model(model_path, torch.float32, attn)).train()
-        raw = raw_steps(model, data, plan, attn)
-        print(f"raw_fwd_bwd_packed: {rate(raw[args.warmup:]):.1f} tokens/s", flush=True)
+        raw = raw_steps(model, data, plan, attn, bf16)
+        rates = {"raw_fwd_bwd_packed": rate(raw[args.warmup:])}
+        print(f"raw_fwd_bwd_packed: {rates['raw_fwd_bwd_packed']:.1f} tokens/s", flush=True)
         ran = run_train_py(overrides, work / "run" / "metrics.jsonl", args.timeout)
         rows, arrivals = ran["rows"], ran["arrivals"]
         assert [r["num_tokens"] for r in rows] == step_tokens, "train.py trained other tokens than the plan"
         timed = rows[args.warmup:]
         outside = [b - a for a, b in zip(arrivals[args.warmup - 1:], arrivals[args.warmup:])] if args.warmup else []
-        trainer_py = [(r["step_time_s"], r["num_tokens"]) for r in timed]
-        print(f"train.py: {rate(trainer_py):.1f} tokens/s", flush=True)
-        hf = hf_trainer_steps(model_path, data, plan, cfg.learning_rate, work / "hf")
-        assert [t for _, t in hf] == step_tokens, "the Trainer baseline saw other samples than the plan"
-        print(f"hf_trainer_padded: {rate(hf[args.warmup:]):.1f} tokens/s", flush=True)
+        rates["train.py"] = rate([(r["step_time_s"], r["num_tokens"]) for r in timed])
+        print(f"train.py: {rates['train.py']:.1f} tokens/s", flush=True)
+        result.update(peer_steps={}, packing_leak_max_abs_logit={}, skipped={})
+        for peer in peers:
+            if peer == "trl_sft_packed" and importlib.util.find_spec("trl") is None:
+                result["skipped"][peer] = "trl is not installed (pip install trl)"
+                print(f"{peer}: skipped, {result['skipped'][peer]}", flush=True)
+                continue
+            steps, leak = peer_steps(peer, model_path, plan_rows(data, plan), len(plan), plan[0]["num_samples"],
+                                     int(np.mean(step_tokens)), cfg.learning_rate, bf16, work / peer)
+            if peer != "trl_sft_packed":  # TRL packs its own rows; the Trainer's steps hold the plan's samples
+                assert [t for _, t in steps] == step_tokens, f"{peer} saw other samples than the plan"
+            rates[peer], result["peer_steps"][peer] = rate(steps[args.warmup:]), steps
+            if leak is not None:
+                result["packing_leak_max_abs_logit"][peer] = leak
+            print(f"{peer}: {rates[peer]:.1f} tokens/s" + ("" if leak is None else f", packing leak {leak:.2g}"),
+                  flush=True)
         if args.ladder:
             result["ladder_raw_tokens_per_s"] = {}
-            for name, (attention, b, c, a, bf16) in LADDER.items():
-                steps = raw_steps(model, data, plan, attention, bf16, bool_mask=b, chunked_ce=c,
+            for name, (attention, b, c, a, ladder_bf16) in LADDER.items():
+                steps = raw_steps(model, data, plan, attention, ladder_bf16, bool_mask=b, chunked_ce=c,
                                   all_logits=a)[args.warmup:]
                 result["ladder_raw_tokens_per_s"][name] = rate(steps)
                 print(f"ladder {name}: {rate(steps):.1f} tokens/s", flush=True)
@@ -208,26 +273,35 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    rates = {"train.py": rate(trainer_py), "hf_trainer_padded": rate(hf[args.warmup:]),
-             "raw_fwd_bwd_packed": rate(raw[args.warmup:])}
-    result.update(step_tokens=step_tokens, tokens_per_s=rates, train_py_metrics=timed,
-                  hf_steps=hf, raw_steps=raw,
-                  ratio_vs_hf_trainer=rates["train.py"] / rates["hf_trainer_padded"],
+    ran_peers = [p for p in peers if p in rates]
+    best = max(ran_peers, key=rates.get) if ran_peers else None
+    result.update(step_tokens=step_tokens, tokens_per_s=rates, train_py_metrics=timed, raw_steps=raw,
+                  compute_dtype="bfloat16" if bf16 else "float32", best_peer=best,
                   ratio_vs_raw_fwd_bwd=rates["train.py"] / rates["raw_fwd_bwd_packed"])
+    if best:
+        result["ratio_vs_best_peer"] = rates["train.py"] / rates[best]
     padded = sum(len(s["micro_batches"][0][0]) * max(int(data["lengths"][i]) for i in s["micro_batches"][0][0])
                  for s in plan[args.warmup:])
-    result["hf_padding_fraction"] = 1 - sum(step_tokens[args.warmup:]) / padded
+    result["padded_batch_padding_fraction"] = 1 - sum(step_tokens[args.warmup:]) / padded
     if outside:
         logged, measured = sum(r["step_time_s"] for r in timed), sum(outside)
         result["logged_vs_outside_step_time"] = logged / measured
         errors = ran["arrival_errors"]  # each end of the timed span is known to within its look's gap
         result["outside_clock_error_bound"] = (errors[args.warmup - 1] + errors[-1]) / measured
     print(json.dumps(result["env"]))
-    print(f"{len(plan)} steps of {args.effective_batch_size} samples, {np.mean(step_tokens):.0f} real tokens each; "
-          f"the Trainer's padded batches are {result['hf_padding_fraction']:.0%} padding")
+    print(f"{len(plan)} steps of {args.effective_batch_size} samples, {np.mean(step_tokens):.0f} real tokens each, "
+          f"{result['compute_dtype']}; padded batches are {result['padded_batch_padding_fraction']:.0%} padding")
     print(f"{'method':22} {'tokens/s':>9} {'train.py is':>12}")
     for name, r in rates.items():
-        print(f"{name:22} {r:9.1f} {rates['train.py'] / r:11.2f}x")
+        leak = result["packing_leak_max_abs_logit"].get(name)
+        note = "" if leak is None else f"  packed samples {'see each other' if leak > LEAK_TOLERANCE else 'apart'}" \
+            f" (max |logit| diff {leak:.1e} against each sample alone)"
+        print(f"{name:22} {r:9.1f} {rates['train.py'] / r:11.2f}x{note}")
+    for peer, why in result["skipped"].items():
+        print(f"{peer:22} skipped: {why}")
+    if best:
+        print(f"goal: >= 1.30x the best peer ({best}): {result['ratio_vs_best_peer']:.2f}x; "
+              f">= 0.90x the raw fwd+bwd: {result['ratio_vs_raw_fwd_bwd']:.2f}x")
     if outside:
         print(f"train.py's logged step_time_s / the bench's own clock: {result['logged_vs_outside_step_time']:.3f}")
     ladder = result.get("ladder_raw_tokens_per_s", {})

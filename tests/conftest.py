@@ -121,3 +121,10 @@ def dataset(tmp_path_factory, tiny_model_dir):
     src = write_jsonl(d / "train.jsonl", rows)
     tokenize_dataset(src, tiny_model_dir, str(d / "tok"), 256)
     return {"data_path": src, "data_output_dir": str(d / "tok")}
+
+
+def pytest_collection_modifyitems(items):
+    """Files with slow tests first (in their own order otherwise): with one worker per core, each taking whole
+    files (pytest.ini), the long files start at once instead of last, so the workers finish together."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -29,18 +29,31 @@ def test_sampler_bench_plans_every_sample_and_beats_padding(tmp_path):
 
 
 def test_tokenize_bench_counts_the_same_tokens_in_every_method(tmp_path, embedded_dir):
+    # one tokenize_data.py run: each is a process of its own, whose start-up is most of its time at this size
     out = run_bench("tokenize.py", "--samples", "60", "--median-words", "30", "--model-path", embedded_dir,
-                    "--json", str(tmp_path / "t.json"))
-    runs = json.loads((tmp_path / "t.json").read_text())["runs"]
-    assert set(runs) == {"tokenize_data num_proc=2", "tokenize_data num_proc=1", "chat_template_ids",
-                         "chat_template_prefix"}
-    # the same conversations: tokenize_data.py's tokens are exactly the chat template's
-    assert len({r["tokens"] for r in runs.values()}) == 1
+                    "--num-proc", "2", "--json", str(tmp_path / "t.json"))
+    result = json.loads((tmp_path / "t.json").read_text())
+    runs, skipped = result["runs"], result["skipped"]
+    # data_process runs where instructlab.training imports; elsewhere it is skipped with the import's error
+    assert ("data_process" in runs) != ("data_process" in skipped)
+    if "data_process" in skipped:
+        assert re.search(rf"^data_process +skipped: {re.escape(skipped['data_process'])}$", out, re.M)
+    assert set(runs) - {"data_process"} == {"floor", "tokenize_data num_proc=2", "chat_template_ids",
+                                            "chat_template_prefix"}
+    # the same conversations: tokenize_data.py's tokens are exactly the chat template's and the floor's
+    # (data_process drops samples under 20 tokens)
+    assert len({r["tokens"] for name, r in runs.items() if name != "data_process"}) == 1
+    floor = runs["floor"]
+    assert floor["seconds"] == pytest.approx(floor["render_s"] + floor["encode_batch_s"] + floor["write_s"])
+    assert min(floor["render_s"], floor["encode_batch_s"], floor["write_s"]) > 0
     base = runs["chat_template_ids"]
     for name, r in runs.items():  # each reported ratio is its own measurement over the baseline's, as printed
         assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
         assert r["ratio"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"])
-        assert re.search(rf"^{re.escape(name)} +{r['tokens_per_s']:.0f} +{r['ratio']:.2f}x$", out, re.M), name
+        assert r["time_vs_floor"] == pytest.approx(r["seconds"] / floor["seconds"])
+        line = (rf"^{re.escape(name)} +{r['seconds']:.2f} +{r['tokens_per_s']:.0f} +{r['ratio']:.2f}x "
+                rf"+{r['time_vs_floor']:.2f}x$")
+        assert re.search(line, out, re.M), name
 
 
 @pytest.mark.slow
@@ -49,11 +62,21 @@ def test_train_throughput_bench_agrees_with_train_py_metrics(tmp_path, tiny_mode
                     "--effective-batch-size", "4", "--steps", "2", "--warmup", "1", "--ladder",
                     "--json", str(tmp_path / "r.json"))
     result = json.loads((tmp_path / "r.json").read_text())
-    assert set(result["tokens_per_s"]) == {"train.py", "hf_trainer_padded", "raw_fwd_bwd_packed"}
+    assert set(result["tokens_per_s"]) == {"train.py", "raw_fwd_bwd_packed", "hf_trainer_padded",
+                                           "hf_trainer_flattened", "trl_sft_packed"}
     assert all(r > 0 for r in result["tokens_per_s"].values())
+    rates = result["tokens_per_s"]
+    best = max(("hf_trainer_padded", "hf_trainer_flattened", "trl_sft_packed"), key=rates.get)
+    assert result["best_peer"] == best and result["ratio_vs_best_peer"] == pytest.approx(rates["train.py"] / rates[best])
+    assert result["compute_dtype"] == ("bfloat16" if hardware.cpu_has_native_bf16() else "float32")  # dtype auto
+    # both packing peers keep a packed row's samples apart on CPU (position ids restart per sample)
+    assert set(result["packing_leak_max_abs_logit"]) == {"hf_trainer_flattened", "trl_sft_packed"}
+    assert all(leak < 1e-4 for leak in result["packing_leak_max_abs_logit"].values())
     assert len(result["ladder_raw_tokens_per_s"]) == 6 and len(result["ladder_optimizer_step_s"]) == 2
     assert len(result["train_py_metrics"]) == 2 and len(result["step_tokens"]) == 3
-    assert 0 < result["hf_padding_fraction"] < 1  # lognormal lengths: padded batches carry padding
+    # the Trainer's steps held exactly the plan's samples; TRL packs its own rows
+    assert [t for _, t in result["peer_steps"]["hf_trainer_flattened"]] == result["step_tokens"]
+    assert 0 < result["padded_batch_padding_fraction"] < 1  # lognormal lengths: padded batches carry padding
     # train.py's logged step times against the bench's own clock (when each metrics line appeared)
     # logged times lie inside the span the outside clock saw, so they never exceed it by more than that clock's
     # error at the span's two ends; how far they fall short depends on the load, so a benchmark reports it
@@ -64,6 +87,24 @@ def test_train_throughput_bench_agrees_with_train_py_metrics(tmp_path, tiny_mode
     for name, rate in ladder.items():
         line = rf"^ladder \(raw fwd\+bwd\) {re.escape(name)} +{rate:.1f} tokens/s +{rate / first:.2f}x the first$"
         assert re.search(line, out, re.M), name
+
+
+def test_packing_leak_check_tells_a_leaking_packer_from_one_that_keeps_samples_apart(tiny_model_dir):
+    """The bench's verdict on a peer's packing: a row concatenated without restarting position ids lets the second
+    sample attend to the first; DataCollatorWithFlattening's position ids keep them apart."""
+    from transformers import DataCollatorWithFlattening
+
+    from bench.train_throughput import LEAK_TOLERANCE, packing_leak
+    from model import load_model
+    lm = load_model(tiny_model_dir, torch.float32, "sdpa").eval()
+    rows = [{"input_ids": list(range(5, 25)), "labels": list(range(5, 25))},
+            {"input_ids": list(range(40, 52)), "labels": list(range(40, 52))}]
+
+    def concatenated(features):  # one causal row, no sample boundaries
+        return {"input_ids": torch.tensor([[t for f in features for t in f["input_ids"]]])}
+
+    assert packing_leak(lm, concatenated, rows) > 100 * LEAK_TOLERANCE
+    assert packing_leak(lm, DataCollatorWithFlattening(), rows) < LEAK_TOLERANCE / 100
 
 
 @pytest.mark.slow

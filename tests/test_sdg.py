@@ -346,6 +346,7 @@ def check_sample(row, leaves):
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
 
 
+@pytest.mark.slow  # the embedded teacher served by llama.cpp
 def test_generate_counts_are_consistent_and_output_valid(generated, taxonomy):
     out, r, server = generated
     stats = json.loads((out / "stats.json").read_text())
@@ -398,6 +399,7 @@ def test_generate_counts_are_consistent_and_output_valid(generated, taxonomy):
     assert "requests sent" in r.stdout and "sourdough_starter (knowledge)" in r.stdout
 
 
+@pytest.mark.slow  # the embedded teacher served by llama.cpp
 def test_rerun_reuses_the_cache_and_yields_samples(generated, taxonomy, teacher_url, tmp_path, embedded_dir):
     out, _, _ = generated
     rerun = tmp_path / "rerun"
@@ -422,6 +424,7 @@ def test_rerun_reuses_the_cache_and_yields_samples(generated, taxonomy, teacher_
     assert meta["num_samples"] == len(train) + 3 and meta["dropped"]["invalid"] == 0 and meta["loss_tokens"] > 0
 
 
+@pytest.mark.slow  # the embedded teacher served by llama.cpp
 def test_a_reply_lost_in_one_run_shifts_no_other_request(generated, taxonomy, teacher_url, tmp_path):
     """Later stages are keyed by the request they came from, not by their place among the replies that parsed:
     with one question's reply made unusable, a rerun finds every other answer and judgment in the cache."""
@@ -444,6 +447,7 @@ def test_a_reply_lost_in_one_run_shifts_no_other_request(generated, taxonomy, te
     assert stats["leaves"][leaf]["stages"]["questions"]["parsed"] == before["questions"]["parsed"] - 1
 
 
+@pytest.mark.slow  # the embedded teacher served by llama.cpp
 def test_kill_and_rerun_resumes_without_redoing_work(teacher_url, tmp_path):
     taxonomy = tmp_path / "taxonomy"
     shutil.copytree(SAMPLE / "compositional_skills/writing", taxonomy / "compositional_skills/writing")
@@ -475,6 +479,7 @@ def test_kill_and_rerun_resumes_without_redoing_work(teacher_url, tmp_path):
     assert len(rows) == stages["dedup"]["kept"] + stages["taxonomy"]["seed_pairs"]
 
 
+@pytest.mark.slow  # the embedded teacher served by llama.cpp
 def test_endpoint_down_is_a_clear_error_and_keeps_work(generated, taxonomy, tmp_path):
     out, _, _ = generated
     dead = f"http://127.0.0.1:{closed_port()}/v1"

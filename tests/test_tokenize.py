@@ -1,4 +1,5 @@
 """tokenize_data.py with the real SmolLM2 tokenizer: loss masks, templates, drops and bad input."""
+import io
 import json
 import os
 import subprocess
@@ -140,6 +141,9 @@ def test_parallel_matches_single_process(tmp_path, embedded_dir):
     a, b = load_tokenized(str(tmp_path / "one")), load_tokenized(str(tmp_path / "two"))
     for key in ("input_ids", "labels", "offsets"):
         assert np.array_equal(a[key], b[key])
+        saved = io.BytesIO()  # streamed to disk under a header written first: byte for byte what np.save writes
+        np.save(saved, np.asarray(a[key]))
+        assert (tmp_path / "two" / f"{key}.npy").read_bytes() == saved.getvalue()
 
 
 # Real chat templates (tests/data/chat_templates/, sources in LICENSES.md), each with the special tokens its model
