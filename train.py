@@ -42,7 +42,8 @@ class TrainingError(Exception):
 def setup_distributed(num_threads: int = 0, timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
     """Rank, world size and device; a process group whenever torchrun started us, one process included.
     CPU threads: torchrun pins every process to one, so share the cores instead (more threads than cores slows
-    every process down). A single process keeps a set OMP_NUM_THREADS: torchrun sets it only for several."""
+    every process down). A single process keeps a set OMP_NUM_THREADS: torchrun sets it only for several. On CPU,
+    freed tensors' pages are kept for the next step (hardware.keep_freed_memory)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     user_threads = os.environ.get("OMP_NUM_THREADS", "") if local_processes == 1 else ""
@@ -55,6 +56,7 @@ def setup_distributed(num_threads: int = 0, timeout_minutes: float = 60.0) -> tu
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        hardware.keep_freed_memory()
     if (world_size > 1 or "LOCAL_RANK" in os.environ) and not dist.is_initialized():
         sharding.init_process_group(device, world_size, timeout_minutes)
     return (dist.get_rank() if dist.is_initialized() else 0), world_size, device

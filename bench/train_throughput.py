@@ -9,6 +9,8 @@ AdamW, constant lr), same thread count. Peers (--peers): the HF `Trainer` fed th
 to each batch's longest sample or flattened padding-free (DataCollatorWithFlattening), and TRL's SFTTrainer with
 packing=True (bfd), skipped when trl is not installed. For each packing peer the bench checks whether a packed
 row's attention stays inside each sample: the logits of two samples packed by its collator against each alone.
+Each peer runs in a fresh interpreter, as it does for its users; the best one runs again with train.py's allocator
+setting (hardware.keep_freed_memory; the raw forward+backward has it too), to show what that setting is worth.
 Every figure counts real tokens only; the first `--warmup` steps of each method are not timed. The bench also times
 train.py from outside (when each line of its metrics.jsonl appears) and checks that the logged step times agree.
 
@@ -26,6 +28,7 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import tempfile  # noqa: E402
@@ -38,10 +41,10 @@ import torch.nn.functional as F  # noqa: E402
 from bench.common import environment, run_train_py, save_result, write_jsonl  # noqa: E402
 from bench.tokenize import vocab_conversations  # noqa: E402
 
+import hardware  # noqa: E402
 import sampler  # noqa: E402
 import train  # noqa: E402
 from config import EMBEDDED_MODEL, ConfigError, exit_on_error, load_config  # noqa: E402
-from hardware import compute_dtype  # noqa: E402
 from model import (CausalLMWithLoss, attention_backend, load_model, load_tokenizer, pack,  # noqa: E402
                    resolve_model_path)
 from tokenize_data import tokenize_dataset  # noqa: E402
@@ -185,6 +188,14 @@ def optimizer_step_seconds(model, fused: bool, repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def in_fresh_process(fn, args: tuple, allocator=False):
+    """fn(*args) in a new interpreter, as a peer trainer runs for its users: glibc's allocator at its defaults
+    (this process has train.py's setting, hardware.keep_freed_memory), unless `allocator` asks for that too."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1, initializer=hardware.keep_freed_memory if allocator else None) as pool:
+        return pool.apply(fn, args)
+
+
 def rate(steps: list[tuple]) -> float:
     return sum(t for _, t in steps) / sum(s for s, _ in steps)
 
@@ -202,6 +213,8 @@ def main():
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="train.py's dtype, and the same for every peer and the raw fwd+bwd (auto: what users get)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
+    p.add_argument("--no-peer-with-allocator", dest="peer_with_allocator", action="store_false",
+                   help="skip the best peer's rerun with train.py's allocator setting")
     p.add_argument("--ladder", action="store_true", help="also time each model.py optimization switched off")
     p.add_argument("--json", help="where to write the result (default runs/bench/train_throughput.json)")
     args = p.parse_args()
@@ -232,8 +245,9 @@ def main():
                                   cfg.max_batch_len, 1, cfg.random_seed, 0)[:total_steps]
         step_tokens = [sum(int(data["lengths"][i]) for m in s["micro_batches"] for r in m for i in r) for s in plan]
 
-        # the compute limit first, while this process is as fresh as train.py's: a warm allocator is worth ~5%
-        bf16 = compute_dtype(cfg, torch.device("cpu")) == torch.bfloat16
+        # the compute limit first, while this process is as fresh as train.py's, with its allocator setting
+        hardware.keep_freed_memory()
+        bf16 = hardware.compute_dtype(cfg, torch.device("cpu")) == torch.bfloat16
         attn = attention_backend(torch.device("cpu"))
         model = CausalLMWithLoss(load_model(model_path, torch.float32, attn)).train()
         raw = raw_steps(model, data, plan, attn, bf16)
@@ -247,13 +261,17 @@ def main():
         rates["train.py"] = rate([(r["step_time_s"], r["num_tokens"]) for r in timed])
         print(f"train.py: {rates['train.py']:.1f} tokens/s", flush=True)
         result.update(peer_steps={}, packing_leak_max_abs_logit={}, skipped={})
+        rows_in_order, mean_tokens = plan_rows(data, plan), int(np.mean(step_tokens))
+
+        def run_peer(peer: str, allocator=False):
+            return in_fresh_process(peer_steps, (peer, model_path, rows_in_order, len(plan), plan[0]["num_samples"],
+                                                 mean_tokens, cfg.learning_rate, bf16, work / peer), allocator)
         for peer in peers:
             if peer == "trl_sft_packed" and importlib.util.find_spec("trl") is None:
                 result["skipped"][peer] = "trl is not installed (pip install trl)"
                 print(f"{peer}: skipped, {result['skipped'][peer]}", flush=True)
                 continue
-            steps, leak = peer_steps(peer, model_path, plan_rows(data, plan), len(plan), plan[0]["num_samples"],
-                                     int(np.mean(step_tokens)), cfg.learning_rate, bf16, work / peer)
+            steps, leak = run_peer(peer)
             if peer != "trl_sft_packed":  # TRL packs its own rows; the Trainer's steps hold the plan's samples
                 assert [t for _, t in steps] == step_tokens, f"{peer} saw other samples than the plan"
             rates[peer], result["peer_steps"][peer] = rate(steps[args.warmup:]), steps
@@ -261,6 +279,12 @@ def main():
                 result["packing_leak_max_abs_logit"][peer] = leak
             print(f"{peer}: {rates[peer]:.1f} tokens/s" + ("" if leak is None else f", packing leak {leak:.2g}"),
                   flush=True)
+        ran_peers = [p for p in peers if p in rates]
+        best = max(ran_peers, key=rates.get) if ran_peers else None
+        if best and args.peer_with_allocator:  # how much of train.py's lead is its allocator setting
+            steps, _ = run_peer(best, allocator=True)
+            rates[f"{best}+allocator"] = rate(steps[args.warmup:])
+            print(f"{best} with train.py's allocator setting: {rates[f'{best}+allocator']:.1f} tokens/s", flush=True)
         if args.ladder:
             result["ladder_raw_tokens_per_s"] = {}
             for name, (attention, b, c, a, ladder_bf16) in LADDER.items():
@@ -273,13 +297,13 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    ran_peers = [p for p in peers if p in rates]
-    best = max(ran_peers, key=rates.get) if ran_peers else None
     result.update(step_tokens=step_tokens, tokens_per_s=rates, train_py_metrics=timed, raw_steps=raw,
                   compute_dtype="bfloat16" if bf16 else "float32", best_peer=best,
                   ratio_vs_raw_fwd_bwd=rates["train.py"] / rates["raw_fwd_bwd_packed"])
     if best:
         result["ratio_vs_best_peer"] = rates["train.py"] / rates[best]
+    if f"{best}+allocator" in rates:
+        result["ratio_vs_best_peer_with_allocator"] = rates["train.py"] / rates[f"{best}+allocator"]
     padded = sum(len(s["micro_batches"][0][0]) * max(int(data["lengths"][i]) for i in s["micro_batches"][0][0])
                  for s in plan[args.warmup:])
     result["padded_batch_padding_fraction"] = 1 - sum(step_tokens[args.warmup:]) / padded

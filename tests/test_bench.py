@@ -62,12 +62,13 @@ def test_train_throughput_bench_agrees_with_train_py_metrics(tmp_path, tiny_mode
                     "--effective-batch-size", "4", "--steps", "2", "--warmup", "1", "--ladder",
                     "--json", str(tmp_path / "r.json"))
     result = json.loads((tmp_path / "r.json").read_text())
-    assert set(result["tokens_per_s"]) == {"train.py", "raw_fwd_bwd_packed", "hf_trainer_padded",
-                                           "hf_trainer_flattened", "trl_sft_packed"}
-    assert all(r > 0 for r in result["tokens_per_s"].values())
     rates = result["tokens_per_s"]
     best = max(("hf_trainer_padded", "hf_trainer_flattened", "trl_sft_packed"), key=rates.get)
+    assert set(rates) == {"train.py", "raw_fwd_bwd_packed", "hf_trainer_padded", "hf_trainer_flattened",
+                          "trl_sft_packed", f"{best}+allocator"}  # the best peer again, with train.py's allocator
+    assert all(r > 0 for r in rates.values())
     assert result["best_peer"] == best and result["ratio_vs_best_peer"] == pytest.approx(rates["train.py"] / rates[best])
+    assert result["ratio_vs_best_peer_with_allocator"] == pytest.approx(rates["train.py"] / rates[f"{best}+allocator"])
     assert result["compute_dtype"] == ("bfloat16" if hardware.cpu_has_native_bf16() else "float32")  # dtype auto
     # both packing peers keep a packed row's samples apart on CPU (position ids restart per sample)
     assert set(result["packing_leak_max_abs_logit"]) == {"hf_trainer_flattened", "trl_sft_packed"}

@@ -239,3 +239,37 @@ def test_dropped_samples_are_reported_at_start(tmp_path, tiny_model_dir):
     r = run_train(base_args(tiny_model_dir, data, tmp_path / "run", max_steps=1, effective_batch_size=4))
     assert "data: tokenized 4 samples" in r.stdout
     assert "dropped: {'too_long': 1, 'no_loss_tokens': 1, 'invalid': 0}" in r.stdout, r.stdout
+
+
+MALLINFO = """
+import ctypes, sys, torch
+sys.path.insert(0, {root!r})
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if {tuned}:
+    import train
+    assert train.setup_distributed()[2].type == "cpu"
+before = libc.mallinfo2().hblkhd  # what imports mapped earlier stays mapped
+x = torch.empty(64 << 20, dtype=torch.uint8)
+mapped = libc.mallinfo2().hblkhd - before
+del x
+print(mapped, libc.mallinfo2().fordblks)
+"""
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_cpu_training_process_keeps_freed_tensor_memory(tuned):
+    """train.py's CPU process serves a 64 MiB tensor from the heap, not from fresh mmap'd pages, and keeps it after
+    it is freed, so the next step reuses the pages; a plain process maps it and gives it back."""
+    if not hasattr(__import__("ctypes").CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("glibc older than 2.33 has no mallinfo2")
+    out = subprocess.run([sys.executable, "-c", MALLINFO.format(root=str(ROOT), tuned=tuned)], capture_output=True,
+                         text=True, check=True).stdout
+    mapped, free_in_heap = map(int, out.split())
+    if tuned:
+        assert mapped == 0 and free_in_heap >= 64 << 20
+    else:
+        assert mapped >= 64 << 20 and free_in_heap < 64 << 20
