@@ -387,6 +387,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINILAB_CACHE", Path.home() / ".cache" / "minilab"))
 
 
+def embedded_export_dir() -> Path:
+    """Where model.embedded_model_dir exports the embedded GGUF as an HF folder (once)."""
+    return cache_dir() / "SmolLM2-135M-Instruct"
+
+
 def exit_on_error(fn):
     """Run an entry point; user errors print one clear line and exit 2 instead of a traceback."""
     try:

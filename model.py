@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import EMBEDDED_MODEL, ConfigError, cache_dir, embedded_gguf_path
+from config import EMBEDDED_MODEL, ConfigError, embedded_export_dir, embedded_gguf_path
 from tokenize_data import load_tokenizer  # noqa: F401  (defined there so tokenizing never imports this module)
 
 IGNORE = -100
@@ -64,7 +64,7 @@ def embedded_model_dir() -> str:
     """SmolLM2-135M-Instruct from the packaged GGUF as an HF safetensors folder, made once and cached.
 
     Written to a temp folder and renamed, so a killed export never leaves a folder that looks complete."""
-    final = cache_dir() / "SmolLM2-135M-Instruct"
+    final = embedded_export_dir()
     if final.is_dir():
         return str(final)
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig

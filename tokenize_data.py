@@ -27,20 +27,43 @@ from pathlib import Path
 import numpy as np
 
 from chat_spans import _worker, render  # _worker: this process's tokenizer state, set by _init_worker
-from config import ConfigError, exit_on_error, load_config
+from config import EMBEDDED_MODEL, ConfigError, cache_dir, embedded_export_dir, exit_on_error, load_config
+from eval.report import write_atomic
 
 CHUNK_LINES = 512
 IGNORE = -100
 
 
 def load_tokenizer(model_path: str):
-    """Here, not in model.py (which imports it from here): model.py's imports (transformers' modeling code) are a
-    fifth of this script's start-up, and tokenizing needs none of them."""
-    from transformers import AutoTokenizer
+    """AutoTokenizer's choice for the folder. Here, not in model.py (which imports it from here), so tokenizing need
+    not import torch: AutoTokenizer does, to read the model config (two thirds of this script's start-up). So the
+    class it picked is remembered per folder content and transformers version, and a remembered generic
+    TokenizersBackend (what it picks for most folders transformers 5 saved, the embedded export's) loads directly."""
+    memo = _tokenizer_class_memo(model_path)
     try:
-        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        if memo and memo.is_file() and memo.read_text() == "TokenizersBackend":
+            from transformers import TokenizersBackend
+            return TokenizersBackend.from_pretrained(model_path)
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a tokenizer from '{model_path}': {e}") from None
+    if memo:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(memo, type(tok).__name__)
+    return tok
+
+
+def _tokenizer_class_memo(model_path: str) -> Path | None:
+    """The file that remembers AutoTokenizer's class for this folder: keyed by what the choice depends on (the
+    tokenizer files, config.json's model type, transformers' version). None for a hub id."""
+    config = Path(model_path) / "config.json"
+    if not os.path.isdir(model_path):
+        return None
+    from transformers import __version__
+    key = hashlib.sha256(f"{tokenizer_sha256(model_path)} {__version__} ".encode()
+                         + (config.read_bytes() if config.is_file() else b"")).hexdigest()
+    return cache_dir() / "tokenizer_class" / key
 
 
 def _init_worker(model_path: str, chat_template: str | None, max_seq_len: int):
@@ -104,20 +127,32 @@ def _check_message(k: int, m) -> None:
 
 
 
-def label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans) -> np.ndarray:
-    """Labels for one sample: the tokens that overlap a span (a token may carry the space before the content)."""
-    starts = np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
-    ends = np.fromiter((e for _, e in offsets), dtype=np.int64, count=len(offsets))
-    trained = np.zeros(len(ids), dtype=bool)
+def label_tokens(enc, spans) -> np.ndarray:
+    """Labels for one sample: the tokens that overlap a span (a token may carry the space before the content).
+    Where a span's first and last characters are in tokens, those come from the tokenizer's own char_to_token (two
+    calls, not a pass over every offset), widened over tokens that share a character (a byte-split one)."""
+    ids = np.asarray(enc.ids, dtype=np.int32)  # token ids < 2^31: the same values as the uint32 input_ids
+    labels = np.full(len(ids), IGNORE, dtype=np.int32)
     for s, e in spans:
-        trained |= (ends > s) & (starts < e)
-    return np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE).astype(np.int32)
+        first, last = enc.char_to_token(s), enc.char_to_token(e - 1)
+        if first is None or last is None:  # a character the normalizer dropped: test every token's offsets
+            starts, ends = (np.fromiter((o[k] for o in enc.offsets), np.int64, len(ids)) for k in (0, 1))
+            trained = (ends > s) & (starts < e)
+            labels[trained] = ids[trained]
+            continue
+        while first > 0 and enc.token_to_chars(first - 1)[1] > s:
+            first -= 1
+        while last + 1 < len(ids) and enc.token_to_chars(last + 1)[0] < e:
+            last += 1
+        labels[first:last + 1] = ids[first:last + 1]
+    return labels
 
 
 def tokenize_chunk(chunk: list[tuple[int, bytes]]) -> dict:
-    """Tokenize a chunk of (line number, raw line); runs in a worker process."""
-    out = {"ids": [], "labels": [], "lengths": [], "too_long": 0, "no_loss_tokens": 0, "turns_without_end": 0,
-           "rejects": []}
+    """Tokenize a chunk of (line number, raw line); runs in a worker process. The kept samples come back as one
+    array of ids and one of labels, with their lengths and trained-token count."""
+    out = {"ids": [], "labels": [], "lengths": [], "loss_tokens": 0, "too_long": 0, "no_loss_tokens": 0,
+           "turns_without_end": 0, "rejects": []}
     texts, spans, open_turns = [], [], []
     for lineno, raw in chunk:
         try:
@@ -132,18 +167,21 @@ def tokenize_chunk(chunk: list[tuple[int, bytes]]) -> dict:
         # the Rust tokenizer directly: transformers' per-sample dict conversion costs ~15% of tokenization
         encodings = _worker["tok"].backend_tokenizer.encode_batch(texts, add_special_tokens=False)
         for enc, sample_spans, n_open in zip(encodings, spans, open_turns):
-            ids, offsets = enc.ids, enc.offsets
-            if len(ids) > _worker["max_seq_len"]:
+            if len(enc) > _worker["max_seq_len"]:
                 out["too_long"] += 1
                 continue
-            labels = label_tokens(ids, offsets, sample_spans)
-            if not (labels[1:] != IGNORE).any():  # the first token is never predicted
+            labels = label_tokens(enc, sample_spans)
+            loss_tokens = int(np.count_nonzero(labels[1:] != IGNORE))  # the first token is never predicted
+            if not loss_tokens:
                 out["no_loss_tokens"] += 1
                 continue
-            out["ids"].append(np.asarray(ids, dtype=np.uint32))
+            out["ids"].append(np.asarray(enc.ids, dtype=np.uint32))
             out["labels"].append(labels)
-            out["lengths"].append(len(ids))
+            out["lengths"].append(len(enc))
+            out["loss_tokens"] += loss_tokens
             out["turns_without_end"] += n_open
+    for key, dtype in (("ids", np.uint32), ("labels", np.int32)):
+        out[key] = np.concatenate(out[key]) if out[key] else np.zeros(0, dtype)
     return out
 
 
@@ -233,10 +271,9 @@ def _write_arrays(data_path: str, tmp: Path, num_proc: int, skip_invalid: bool, 
                 counts["too_long"] += res["too_long"]
                 counts["no_loss_tokens"] += res["no_loss_tokens"]
                 open_turns += res["turns_without_end"]
-                for ids, labels in zip(res["ids"], res["labels"]):
-                    fi.write(ids.tobytes())
-                    fl.write(labels.tobytes())
-                    loss_tokens += int((labels[1:] != IGNORE).sum())
+                fi.write(res["ids"])
+                fl.write(res["labels"])
+                loss_tokens += res["loss_tokens"]
                 lengths.extend(res["lengths"])
             total = sum(lengths)
             for f, dtype in ((fi, np.uint32), (fl, np.int32)):
@@ -308,7 +345,9 @@ def main(argv=None):
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "skip_invalid")}
     cfg = load_config(args.config, overrides)
     model_path = cfg.model_path
-    if not os.path.isdir(model_path):  # a folder is used as is; model.py (the embedded export) costs seconds to import
+    if model_path in (EMBEDDED_MODEL, "embedded") and embedded_export_dir().is_dir():
+        model_path = str(embedded_export_dir())  # exported before: no need for model.py, whose torch takes seconds
+    elif not os.path.isdir(model_path):
         from model import resolve_model_path
         model_path = resolve_model_path(model_path)
     meta = tokenize_dataset(cfg.data_path, model_path, cfg.data_output_dir, cfg.max_seq_len, cfg.chat_tmpl_path,

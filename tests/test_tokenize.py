@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, write_jsonl
+from conftest import FAMILIES, ROOT, build_tiny_family, write_jsonl
 
 from config import ConfigError
-from tokenize_data import load_tokenized, tokenize_dataset
+from tokenize_data import load_tokenized, load_tokenizer, tokenize_dataset
 
 # A second template, Llama-3 like in shape: a BOS, plain-text role headers, <|endoftext|> ends each turn,
 # content trimmed, unknown roles rejected.
@@ -360,3 +360,50 @@ def test_checkpoint_renders_prompts_with_the_training_template(tmp_path, tiny_mo
     assert prompt == tokenizer.apply_chat_template(messages, chat_template=tmpl.read_text(), tokenize=False,
                                                    add_generation_prompt=True)
     assert prompt.endswith("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_direct_tokenizer_load_is_what_autotokenizer_loads(tmp_path, tokenizer, family):
+    """AutoTokenizer's class is remembered per folder, so the next load skips AutoTokenizer (which imports torch)
+    where it picked the generic TokenizersBackend: the same class, Rust tokenizer, special tokens, added vocabulary
+    and template for every model type (Qwen2's folders get Qwen2Tokenizer, from AutoTokenizer every time)."""
+    from transformers import AutoTokenizer
+    folder = build_tiny_family(tokenizer, tmp_path / family, family)
+    first, direct, auto = load_tokenizer(folder), load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    assert type(first) is type(direct) is type(auto)
+    assert direct.backend_tokenizer.to_str() == auto.backend_tokenizer.to_str()
+    assert direct.special_tokens_map == auto.special_tokens_map and direct.get_added_vocab() == auto.get_added_vocab()
+    assert direct.chat_template == auto.chat_template and direct.model_max_length == auto.model_max_length
+    messages = CONVERSATIONS[0]["messages"]
+    assert direct.apply_chat_template(messages, tokenize=True) == auto.apply_chat_template(messages, tokenize=True)
+
+
+def test_tokenize_cli_never_imports_torch(tmp_path, embedded_dir):
+    """Start-up is most of a small run's time, and torch most of the start-up: the embedded default (once exported)
+    and a model folder (once loaded) both tokenize without it."""
+    src = write_jsonl(tmp_path / "d.jsonl", CONVERSATIONS)
+    load_tokenizer(embedded_dir)  # AutoTokenizer's class for it, remembered (a first load on a new machine)
+    for model in ("embedded", embedded_dir):
+        code = ("import sys, tokenize_data; tokenize_data.main(['--config', '', '--data-path', sys.argv[1], "
+                "'--model-path', sys.argv[2], '--data-output-dir', sys.argv[3]]); assert 'torch' not in sys.modules")
+        r = subprocess.run([sys.executable, "-c", code, str(src), model, str(tmp_path / "out")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("text", ["🦜🚀 parrot rocket 🦜", "日本語のテキスト", " ☕☕ coffee\n\n", "x" * 40])
+def test_labels_are_every_token_that_overlaps_a_span(tokenizer, text):
+    """label_tokens takes a span's end tokens from char_to_token: the same tokens as testing every token's offsets
+    against the span, also where a span's first or last character is split over several byte tokens."""
+    from tokenize_data import label_tokens
+    rendered = f"<|im_start|>assistant\n{text}<|im_end|>"
+    enc = tokenizer.backend_tokenizer.encode(rendered, add_special_tokens=False)
+    start = rendered.index(text)
+    split_edges = 0
+    for span in [(start, start + len(text)), (start + 1, start + len(text) - 1), (start, start + 1)]:
+        labels = label_tokens(enc, [span])
+        overlap = [e > span[0] and s < span[1] for s, e in enc.offsets]
+        assert labels.tolist() == [i if t else -100 for i, t in zip(enc.ids, overlap)], span
+        split_edges += sum(enc.offsets.count(enc.offsets[enc.char_to_token(c)]) > 1 for c in (span[0], span[1] - 1))
+    if any(ord(c) > 0x3000 for c in text):  # this vocabulary splits these characters into byte tokens
+        assert split_edges
