@@ -39,6 +39,7 @@ from bench.common import ROOT, environment, save_result, write_jsonl  # noqa: E4
 
 from config import exit_on_error  # noqa: E402
 from model import load_tokenizer, resolve_model_path  # noqa: E402
+from tokenize_data import load_tokenized  # noqa: E402
 
 MAX_SEQ_LEN = 1 << 20  # nothing dropped for length: every method counts every sample
 
@@ -123,12 +124,24 @@ def data_process_missing(python: str) -> str | None:
     return lines[-1] if lines else f"exit status {r.returncode}"
 
 
-def data_process(python: str, src: Path, model_path: str, out: Path, num_proc: int) -> dict:
+def data_process(python: str, src: Path, model_path: str, out: Path, num_proc: int, ours: Path) -> dict:
+    """Its time and tokens, and how many of its samples tokenize_data.py's output (folder `ours`) holds with the
+    same input_ids and labels: data_process keeps the order but drops samples under 20 tokens."""
     seconds = run_timed([python, "-m", "instructlab.training.data_process", "--data_path", str(src),
                          "--data_output_path", str(out), "--max_seq_len", str(MAX_SEQ_LEN),
                          "--model_name_or_path", model_path, "--num_cpu_procs", str(num_proc)])
+    data = load_tokenized(str(ours))
+    offsets, tokens, samples, identical, i = data["offsets"], 0, 0, 0, 0
     with open(out / "data.jsonl") as f:
-        return {"tokens": sum(len(json.loads(line)["input_ids"]) for line in f), "seconds": seconds}
+        for line in f:
+            rec = json.loads(line)
+            tokens, samples = tokens + len(rec["input_ids"]), samples + 1
+            while i + 1 < len(offsets) and data["input_ids"][offsets[i]:offsets[i + 1]].tolist() != rec["input_ids"]:
+                i += 1  # a sample data_process dropped
+            if i + 1 < len(offsets):
+                identical += data["labels"][offsets[i]:offsets[i + 1]].tolist() == rec["labels"]
+                i += 1
+    return {"tokens": tokens, "seconds": seconds, "samples": samples, "identical_to_tokenize_data": identical}
 
 
 def main():
@@ -163,8 +176,9 @@ def main():
         if missing:
             results["skipped"]["data_process"] = f"{args.data_process_python}: {missing}"
         else:
-            runs["data_process"] = data_process(args.data_process_python, src, model_path, work / "dp",
-                                                max(args.num_proc))
+            n = max(args.num_proc)
+            runs["data_process"] = data_process(args.data_process_python, src, model_path, work / "dp", n,
+                                                work / f"out{n}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base, fl = runs["chat_template_ids"], runs["floor"]
@@ -179,6 +193,10 @@ def main():
         r["time_vs_floor"] = r["seconds"] / fl["seconds"]
         print(f"{name:32} {r['seconds']:8.2f} {r['tokens_per_s']:10.0f} {r['ratio']:20.2f}x "
               f"{r['time_vs_floor']:13.2f}x")
+    if "data_process" in runs:
+        dp = runs["data_process"]
+        print(f"data_process kept {dp['samples']} samples; tokenize_data.py has the same input_ids and labels for "
+              f"{dp['identical_to_tokenize_data']} of them")
     for name, why in results["skipped"].items():
         print(f"{name:32} skipped: {why}")
     print(f"saved {save_result('tokenize', results, args.json)}")
