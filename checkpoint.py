@@ -30,14 +30,15 @@ FINGERPRINT_KEYS = ("model_path", "max_seq_len", "effective_batch_size", "random
                     "distributed_backend", "validation_split", "sampler", "optimizer")
 KEEP_FULL_STATES = 2
 MARKER = "COMPLETE"
-HOOK_POINTS = ("after_step", "inside_save", "after_request")
+HOOK_POINTS = ("after_step", "inside_save", "after_request", "in_flight")
 
 
 def fault_point(point: str, n: int):
     """Deterministic fault injection for tests (README, "Test hooks"): MINILAB_TEST_HOOK="POINT=N:ACTION[@RANK],...".
     POINT is after_step (step N is logged and its save_samples save done; before epoch-end and stop saves) or
     inside_save (rank 0, the full state of step N complete under its temp name, before the rename) or
-    after_request (sdg: the run's Nth teacher reply is in the cache). ACTION is
+    after_request (sdg: the run's Nth teacher reply is in the cache) or in_flight (sdg: the first token of the run's
+    Nth teacher request has arrived, the rest not). ACTION is
     kill (SIGKILL), a signal name sent to this process (sigterm, sigusr1), or pause."""
     for spec in filter(None, os.environ.get("MINILAB_TEST_HOOK", "").split(",")):
         where, _, action = spec.partition(":")

@@ -5,12 +5,15 @@ request queued behind others at a one-slot llama.cpp server would spend its time
 retry would send the same work again. Retries with exponential backoff are the openai client's own
 (`max_retries`). A request that still times out is skipped with a warning (a rerun asks it again); a connection,
 authentication or server error stops the run with a clear error. What already arrived stays in the cache.
+Replies are streamed: a run that stops (an error, Ctrl-C, a kill) closes its connections, and the server stops
+computing the replies in flight at their next token instead of finishing them for nobody.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -59,14 +62,24 @@ class Teacher:
     cache_dir: Path
     concurrency: int = 4
     counts: Counter = dataclasses.field(default_factory=Counter)  # requests sent / cached / failed, whole run
+    started: itertools.count = dataclasses.field(default_factory=lambda: itertools.count(1))  # requests begun
 
     def _complete(self, job: dict) -> dict:
-        response = self.client.chat.completions.create(
-            model=self.model, messages=[{"role": "user", "content": job["prompt"]}],
-            max_tokens=job["max_tokens"], temperature=job["temperature"], seed=job["seed"])
-        choice = response.choices[0] if response.choices else None
-        return {"id": job["id"], "reply": (choice.message.content or "") if choice else "",
-                "finish_reason": choice.finish_reason if choice else None}
+        """One streamed reply. A stream that ends without a finish_reason was cut off (IncompleteReply)."""
+        number, parts, finish = next(self.started), [], None
+        with self.client.chat.completions.create(
+                model=self.model, messages=[{"role": "user", "content": job["prompt"]}], stream=True,
+                max_tokens=job["max_tokens"], temperature=job["temperature"], seed=job["seed"]) as stream:
+            for chunk in stream:
+                if not parts and os.environ.get("MINILAB_TEST_HOOK"):  # fault tests (README, "Test hooks")
+                    from checkpoint import fault_point
+                    fault_point("in_flight", number)
+                choice = chunk.choices[0] if chunk.choices else None  # a usage-only chunk has none
+                parts.append((choice.delta.content or "") if choice and choice.delta else "")
+                finish = (choice.finish_reason if choice else None) or finish
+        if finish is None:
+            raise IncompleteReply
+        return {"id": job["id"], "reply": "".join(parts), "finish_reason": finish}
 
     def ask(self, stage: str, jobs: list[dict], label: str = "") -> tuple[dict[str, dict], Counter]:
         """Reply records ({"reply", "finish_reason"}) by job id for every job that got one; cached jobs are not
@@ -93,11 +106,12 @@ class Teacher:
                     self.counts["sent"] += 1
                     try:
                         record = future.result()
-                    except openai.APITimeoutError:  # this request only: the server is alive, just slow
+                    except (openai.APITimeoutError, IncompleteReply) as e:  # this request only: the server lives
                         counts["failed"] += 1
                         self.counts["failed"] += 1
-                        bar.write(f"warning: {stage}: a request timed out after retries; a rerun asks it again "
-                                  "(or raise --timeout)")
+                        why = "timed out after retries" if isinstance(e, openai.APITimeoutError) else \
+                            "was cut off by the server (its stream ended with no finish_reason)"
+                        bar.write(f"warning: {stage}: a request {why}; a rerun asks it again (or raise --timeout)")
                         continue
                     except FATAL_ERRORS as e:
                         raise ConfigError(
@@ -119,10 +133,17 @@ class Teacher:
                     if os.environ.get("MINILAB_TEST_HOOK"):  # fault tests (README, "Test hooks"); imports torch
                         from checkpoint import fault_point
                         fault_point("after_request", self.counts["written"])
+        except BaseException:  # the run stops: close the streams in flight, so the server stops computing them
+            self.client.close()
+            raise
         finally:
             bar.close()
             pool.shutdown(wait=False, cancel_futures=True)
         return replies, counts
+
+
+class IncompleteReply(Exception):
+    """The server closed a reply's stream before saying why the reply ended."""
 
 
 def connect(endpoint: str, model: str | None, cache_dir: Path, concurrency: int, timeout_s: float,

@@ -101,13 +101,13 @@ def gguf_chat_format(gguf_path: str) -> str | None:
 
 def with_props(app):
     """Answer `GET /props` as llama.cpp's own server does: `total_slots` (llama-cpp-python computes one request at
-    a time) tells clients how many to send at once. It also counts the completion requests received and the most
-    ever open at once, so what a client's queueing and retries cost the server can be read from outside."""
-    props = {"total_slots": 1, "completion_requests": 0, "max_open_requests": 0}
-    open_requests = 0
+    a time) tells clients how many to send at once. It also counts the completion requests received, those open now
+    and the most ever open at once, and those cut off (the reply's last byte never sent: the client left and a
+    stream stopped), so what a client's queueing, retries and exits cost the server can be read from outside."""
+    props = {"total_slots": 1, "completion_requests": 0, "open_requests": 0, "max_open_requests": 0,
+             "cut_requests": 0}
 
     async def app_with_props(scope, receive, send):
-        nonlocal open_requests
         if scope["type"] == "http" and scope["path"] == "/props":
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json")]})
@@ -116,20 +116,22 @@ def with_props(app):
         if scope["type"] != "http" or not scope["path"].endswith("/completions"):
             return await app(scope, receive, send)
         props["completion_requests"] += 1
-        open_requests += 1
-        props["max_open_requests"] = max(props["max_open_requests"], open_requests)
+        props["open_requests"] += 1
+        props["max_open_requests"] = max(props["max_open_requests"], props["open_requests"])
         answered = False
 
         async def send_and_count(message):  # closed once its last byte is sent: the client may ask again then
-            nonlocal open_requests, answered
+            nonlocal answered
             if message["type"] == "http.response.body" and not message.get("more_body") and not answered:
-                answered, open_requests = True, open_requests - 1
+                answered = True
+                props["open_requests"] -= 1
             await send(message)
         try:
             await app(scope, receive, send_and_count)
         finally:
             if not answered:
-                open_requests -= 1
+                props["open_requests"] -= 1
+                props["cut_requests"] += 1
     return app_with_props
 
 

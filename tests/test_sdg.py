@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -477,6 +478,31 @@ def test_kill_and_rerun_resumes_without_redoing_work(teacher_url, tmp_path):
     rows = read_jsonl(out / "train.jsonl")  # the generated pairs kept, plus the leaf's own training seeds
     assert sum(r["metadata"]["pipeline"] == "skills" for r in rows) == stages["dedup"]["kept"]
     assert len(rows) == stages["dedup"]["kept"] + stages["taxonomy"]["seed_pairs"]
+
+
+@pytest.mark.slow  # the embedded teacher served by llama.cpp
+@pytest.mark.parametrize("action, exit_status", [("kill", -signal.SIGKILL), ("sigint", 130)])
+def test_a_stopped_run_leaves_no_reply_computing_on_the_server(teacher_url, tmp_path, action, exit_status):
+    """Stopped by the test hook once the first token of its 3rd request has arrived, killed or by Ctrl-C: the
+    stream's connection closes (the process's end, or the teacher closing its client as the interrupt unwinds),
+    and the server stops computing that reply (cut off before its last byte) instead of finishing it."""
+    taxonomy = tmp_path / "taxonomy"
+    shutil.copytree(SAMPLE / "compositional_skills/writing", taxonomy / "compositional_skills/writing")
+    before = server_props(teacher_url)
+    killed = subprocess.run(
+        [sys.executable, "-m", "sdg", "generate", "--taxonomy", str(taxonomy), "--output-dir", str(tmp_path / "out"),
+         "--num-instructions", "3", "--endpoint", teacher_url, "--concurrency", "4", "--judge-threshold", "0",
+         *FAST, "--max-tokens", "128"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MINILAB_TEST_HOOK": f"in_flight=3:{action}"})
+    assert killed.returncode == exit_status, killed.stderr[-2000:]
+    for _ in range(600):  # the server notices the closed connection at its next token
+        after = server_props(teacher_url)
+        if after["open_requests"] == 0:
+            break
+        time.sleep(0.1)
+    assert after["open_requests"] == 0
+    assert after["completion_requests"] - before["completion_requests"] == 3  # one slot: one request at a time
+    assert after["cut_requests"] - before["cut_requests"] == 1  # the 3rd, stopped; the first two answered whole
 
 
 @pytest.mark.slow  # the embedded teacher served by llama.cpp
