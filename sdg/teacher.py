@@ -119,10 +119,11 @@ class Teacher:
                             f"Work so far is kept in {self.cache_dir}; rerun the same command to resume "
                             "(check --endpoint, the API key in $MINILAB_API_KEY or $OPENAI_API_KEY, or raise --retries/--timeout)"
                         ) from None
-                    except openai.APIStatusError as e:  # this prompt only, e.g. longer than the teacher's context
+                    except openai.APIError as e:  # this prompt only, e.g. longer than the teacher's context
                         counts["failed"] += 1
                         self.counts["failed"] += 1
-                        bar.write(f"warning: {stage}: request rejected ({e.status_code}): {str(e)[:200]}")
+                        status = f" ({e.status_code})" if isinstance(e, openai.APIStatusError) else " (in its stream)"
+                        bar.write(f"warning: {stage}: request rejected{status}: {str(e)[:200]}")
                         continue
                     # Flushed and synced one by one: a kill or Ctrl-C loses at most the requests in flight.
                     cache.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -505,6 +505,34 @@ def test_a_stopped_run_leaves_no_reply_computing_on_the_server(teacher_url, tmp_
     assert after["cut_requests"] - before["cut_requests"] == 1  # the 3rd, stopped; the first two answered whole
 
 
+@pytest.mark.slow  # llama-cpp-python's own server
+def test_replies_the_server_cuts_off_are_never_taken(tmp_path):
+    """llama-cpp-python's server as users start it (interrupt_requests on, its default; no /props, so 2 requests
+    go at once) ends the running reply's stream with no finish_reason whenever another request waits: each such
+    reply is skipped with a warning, and only replies that say why they ended reach the cache."""
+    from config import embedded_gguf_path
+    from serve.background import base_url_for, free_port, stop, wait_until_healthy
+    port = free_port()
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", embedded_gguf_path(),
+                                   "--host", "127.0.0.1", "--port", str(port), "--interrupt_requests", "true"],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = base_url_for("127.0.0.1", port)
+        wait_until_healthy(url, None, server, 180, str(tmp_path / "server.log"))
+        taxonomy = tmp_path / "taxonomy"
+        shutil.copytree(SAMPLE / "compositional_skills/writing", taxonomy / "compositional_skills/writing")
+        r = sdg("generate", "--taxonomy", taxonomy, "--output-dir", tmp_path / "out", "--num-instructions", 3,
+                "--endpoint", url, "--concurrency", 2, "--judge-threshold", 0, *FAST, timeout=600)
+    finally:
+        stop(server)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "was cut off by the server" in r.stdout  # the progress bar's write()
+    records = [json.loads(line) for f in (tmp_path / "out" / "cache").glob("*.jsonl") for line in open(f)]
+    assert records and all(rec["finish_reason"] for rec in records)
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["requests"]["failed"] > 0
+
+
 @pytest.mark.slow  # the embedded teacher served by llama.cpp
 def test_endpoint_down_is_a_clear_error_and_keeps_work(generated, taxonomy, tmp_path):
     out, _, _ = generated
