@@ -48,9 +48,12 @@ def load_tokenizer(model_path: str):
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a tokenizer from '{model_path}': {e}") from None
-    if memo:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(memo, type(tok).__name__)
+    try:
+        if memo:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(memo, type(tok).__name__)
+    except OSError:  # a read-only cache: the next load asks AutoTokenizer again
+        pass
     return tok
 
 
