@@ -106,7 +106,11 @@ def test_data_and_checkpoint(run):
     # chat samples end with the assistant; the leaves' documents and MMLU-format practice train as raw text
     assert all(r["messages"][-1]["content"] and (r["messages"][-1]["role"] == "assistant") ==
                (r["metadata"]["pipeline"] not in ("document", "restated_context", "multiple_choice")) for r in mixed)
-    assert {r["metadata"]["pipeline"] for r in mixed} >= {"document", "restated_context", "seed", "knowledge"}
+    # every pipeline's samples reach the mix: the taxonomy's own always; the teacher's pairs where the weak embedded
+    # teacher wrote a parsable one in 48 tokens (machine-dependent: llama.cpp's numerics differ between CPUs)
+    pipelines = {r["metadata"]["pipeline"] for r in mixed}
+    assert pipelines == {r["metadata"]["pipeline"] for r in generated}
+    assert pipelines >= {"document", "restated_context", "seed", "multiple_choice"}
     final = Path((out / "final_model.txt").read_text().strip())
     assert final.parent == out / "train" / "checkpoints" / "hf_format"
     assert (final / "config.json").exists() and list(final.glob("*.safetensors"))
