@@ -130,12 +130,12 @@ def _check_message(k: int, m) -> None:
 
 
 
-def label_tokens(enc, spans) -> np.ndarray:
-    """Labels for one sample: the tokens that overlap a span (a token may carry the space before the content).
-    Where a span's first and last characters are in tokens, those come from the tokenizer's own char_to_token (two
-    calls, not a pass over every offset), widened over tokens that share a character (a byte-split one)."""
-    ids = np.asarray(enc.ids, dtype=np.int32)  # token ids < 2^31: the same values as the uint32 input_ids
-    labels = np.full(len(ids), IGNORE, dtype=np.int32)
+def label_tokens(enc, ids: np.ndarray, spans) -> np.ndarray:
+    """Labels for one sample (its encoding and ids): the tokens that overlap a span (a token may carry the space
+    before the content). Where a span's first and last characters are in tokens, those come from the tokenizer's own
+    char_to_token (two calls, not a pass over every offset), widened over tokens that share a character (a byte-split
+    one)."""
+    labels = np.full(len(ids), IGNORE, dtype=np.int32)  # token ids < 2^31: int32 holds them unchanged
     for s, e in spans:
         first, last = enc.char_to_token(s), enc.char_to_token(e - 1)
         if first is None or last is None:  # a character the normalizer dropped: test every token's offsets
@@ -173,12 +173,13 @@ def tokenize_chunk(chunk: list[tuple[int, bytes]]) -> dict:
             if len(enc) > _worker["max_seq_len"]:
                 out["too_long"] += 1
                 continue
-            labels = label_tokens(enc, sample_spans)
+            ids = np.asarray(enc.ids, dtype=np.uint32)
+            labels = label_tokens(enc, ids, sample_spans)
             loss_tokens = int(np.count_nonzero(labels[1:] != IGNORE))  # the first token is never predicted
             if not loss_tokens:
                 out["no_loss_tokens"] += 1
                 continue
-            out["ids"].append(np.asarray(enc.ids, dtype=np.uint32))
+            out["ids"].append(ids)
             out["labels"].append(labels)
             out["lengths"].append(len(enc))
             out["loss_tokens"] += loss_tokens

@@ -401,7 +401,7 @@ def test_labels_are_every_token_that_overlaps_a_span(tokenizer, text):
     start = rendered.index(text)
     split_edges = 0
     for span in [(start, start + len(text)), (start + 1, start + len(text) - 1), (start, start + 1)]:
-        labels = label_tokens(enc, [span])
+        labels = label_tokens(enc, np.asarray(enc.ids, dtype=np.uint32), [span])
         overlap = [e > span[0] and s < span[1] for s, e in enc.offsets]
         assert labels.tolist() == [i if t else -100 for i, t in zip(enc.ids, overlap)], span
         split_edges += sum(enc.offsets.count(enc.offsets[enc.char_to_token(c)]) > 1 for c in (span[0], span[1] - 1))
