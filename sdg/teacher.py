@@ -106,24 +106,23 @@ class Teacher:
                     self.counts["sent"] += 1
                     try:
                         record = future.result()
-                    except (openai.APITimeoutError, IncompleteReply) as e:  # this request only: the server lives
-                        counts["failed"] += 1
-                        self.counts["failed"] += 1
-                        why = "timed out after retries" if isinstance(e, openai.APITimeoutError) else \
-                            "was cut off by the server (its stream ended with no finish_reason)"
-                        bar.write(f"warning: {stage}: a request {why}; a rerun asks it again (or raise --timeout)")
-                        continue
                     except FATAL_ERRORS as e:
+                        if isinstance(e, openai.APITimeoutError):  # a connection error's subclass, but this
+                            self._skip(stage, counts, bar, "timed out after retries; a rerun asks it again "
+                                                           "(or raise --timeout)")  # request only: the server lives
+                            continue
                         raise ConfigError(
                             f"teacher at {self.endpoint} failed after retries: {type(e).__name__}: {e}. "
                             f"Work so far is kept in {self.cache_dir}; rerun the same command to resume "
                             "(check --endpoint, the API key in $MINILAB_API_KEY or $OPENAI_API_KEY, or raise --retries/--timeout)"
                         ) from None
+                    except IncompleteReply:
+                        self._skip(stage, counts, bar, "was cut off by the server (its stream ended with no "
+                                                       "finish_reason); a rerun asks it again")
+                        continue
                     except openai.APIError as e:  # this prompt only, e.g. longer than the teacher's context
-                        counts["failed"] += 1
-                        self.counts["failed"] += 1
-                        status = f" ({e.status_code})" if isinstance(e, openai.APIStatusError) else " (in its stream)"
-                        bar.write(f"warning: {stage}: request rejected{status}: {str(e)[:200]}")
+                        status = f"{e.status_code}" if isinstance(e, openai.APIStatusError) else "in its stream"
+                        self._skip(stage, counts, bar, f"was rejected ({status}): {str(e)[:200]}")
                         continue
                     # Flushed and synced one by one: a kill or Ctrl-C loses at most the requests in flight.
                     cache.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -141,6 +140,11 @@ class Teacher:
             bar.close()
             pool.shutdown(wait=False, cancel_futures=True)
         return replies, counts
+
+    def _skip(self, stage: str, counts: Counter, bar, why: str):
+        counts["failed"] += 1
+        self.counts["failed"] += 1
+        bar.write(f"warning: {stage}: a request {why}")
 
 
 class IncompleteReply(Exception):
