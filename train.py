@@ -165,7 +165,8 @@ def train_step(model, optimizer, step: dict, data: dict, rank: int, world_size: 
     if not math.isfinite(loss):
         raise TrainingError(f"loss is {loss}: stopping before the update; the last saved checkpoint is untouched. "
                             "Try a lower learning_rate, dtype=float32 or max_grad_norm=1.0")
-    grad_norm = sharding.optimizer_step(model, optimizer, ctx["max_grad_norm"])
+    # the noise scale subtracts two squared norms that agree to a few digits: it needs |G| exact
+    grad_norm = sharding.optimizer_step(model, optimizer, ctx["max_grad_norm"], exact_norm=bool(noise))
     out = {"loss": loss, "grad_norm": grad_norm, "num_tokens": int(totals[1].item()), "stop": totals[2].item() > 0}
     rest = totals[3:].cpu().numpy() if noise or per_sample else None  # the recipes' parts, on the host
     if noise:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, build_tiny_model
+from conftest import ROOT, TOPICS, build_tiny_model
 from safetensors.torch import load_file
 
 import sharding
@@ -351,3 +351,21 @@ def test_refusal_at_start_of_a_real_run(tmp_path, tiny_model_dir, dataset):
 def test_qlora_without_lora_rank_refused_when_config_loads():
     with pytest.raises(ConfigError, match=r"quantize_data_type \(QLoRA\) needs lora.rank > 0"):
         load_config(None, {"lora": {"quantize_data_type": "nf4"}})
+
+
+def test_cpu_gradient_norm_is_exact_to_fp32s_rounding(tiny_model_dir, tokenizer):
+    """Single-process steps' norm (fp32 row norms summed in fp64) against fp64 sums of the same gradients: within
+    what rounding the result to fp32 costs (6e-8), where torch's fp32 norm summed the 3.1M-element output head
+    9e-5 low. exact=True, which the gradient noise scale asks for, is fp64's."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.tensor([tokenizer(" ".join(TOPICS * 8))["input_ids"]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads.items():
+        exact = g.double().square().sum().item()
+        assert sharding.squared_norm(g, exact=False).item() == pytest.approx(exact, rel=6e-8), name
+        assert sharding.squared_norm(g, exact=True).item() == pytest.approx(exact, rel=1e-13), name
+    exact = torch.cat([g.double().flatten() for g in grads.values()]).norm().item()
+    norm = sharding.optimizer_step(model, torch.optim.SGD(model.parameters(), lr=0.0), max_grad_norm=0)
+    assert norm == pytest.approx(exact, rel=6e-8)
