@@ -8,6 +8,7 @@ template writes after it when the conversation ends there.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 
@@ -76,8 +77,30 @@ def _unmark(text: str, marks, n: int) -> tuple[str, dict[int, tuple[int, int]]]:
     return text, spans
 
 
+def _apply_many(chats: list[tuple[list, list | None]]) -> list[str | ValueError]:
+    """_apply of each (messages, tools), batched: apply_chat_template's own work per call is a third of a short
+    conversation's render. Runs of equal tools share a call; a batch the template rejects is redone one by one, so
+    only the conversations it rejects fail."""
+    out = []
+    for tools, run in itertools.groupby(chats, key=lambda chat: chat[1]):
+        run = [messages for messages, _ in run]
+        try:
+            out += _worker["tok"].apply_chat_template(run, tools=tools, chat_template=_worker["template"],
+                                                      tokenize=False)
+        except Exception:  # which conversation it was: see below
+            for messages in run:
+                try:
+                    out.append(_apply(messages, tools))
+                except ValueError as e:
+                    out.append(e)
+    return out
+
+
 def _render_marked(messages, pieces, marks, tools, add_generation_prompt=False) -> tuple[str, dict]:
-    rendered = _apply(_marked(messages, pieces, marks), tools, add_generation_prompt)
+    return _located(_apply(_marked(messages, pieces, marks), tools, add_generation_prompt), pieces, marks)
+
+
+def _located(rendered: str, pieces, marks) -> tuple[str, dict]:
     try:
         return _unmark(rendered, marks, len(pieces))
     except ValueError as err:
@@ -86,28 +109,53 @@ def _render_marked(messages, pieces, marks, tools, add_generation_prompt=False) 
                          "the text before '</think>'), so its trained span cannot be located exactly") from None
 
 
-def render(sample: dict) -> tuple[str, list[tuple[int, int]], int]:
-    """The conversation as text, the character spans to train on, and how many trained turns nothing closes.
+def render_all(samples: list[dict]) -> list[tuple[str, list[tuple[int, int]], int] | ValueError]:
+    """Each sample as text, the character spans to train on, and how many trained turns nothing closes; or the
+    ValueError that rejects it.
 
     Each trained string (assistant content and reasoning; with `unmask`, every non-system message) is wrapped in
     markers, the conversation is rendered and the markers removed: the text must equal the plain render and every
-    piece's markers must survive whole, or the sample is rejected, never mis-masked. A turn's span runs from its
-    first piece to its last, with what the template puts between (the `</think>` after reasoning); a tool-call turn
-    without content starts where the generation prompt ends. Then its end: see `_closing`."""
-    tok, messages = _worker["tok"], sample["messages"]
-    if messages[0]["role"] == "pretraining":
-        text = "".join(m["content"] + tok.eos_token for m in messages)
-        return text, [(0, len(text))], 0
-    tools, unmask = sample.get("tools"), sample.get("unmask")
-    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant" or (unmask and m["role"] != "system")]
-    pieces = [(k, f) for k in turns for f in FIELDS + ("tool_call",)
-              if (messages[k].get("tool_calls") if f == "tool_call" else
-                  isinstance(messages[k].get(f), str) and messages[k][f].strip())]
-    plain = _apply(messages, tools)
-    marks = next((s for s in MARK_SETS if not any(ch in plain for ch in s)), None)
-    if marks is None:
-        raise ValueError("the rendered text uses every private-use character the span markers could use")
-    text, located = _render_marked(messages, pieces, marks, tools)
+    piece's markers must survive whole, or the sample is rejected, never mis-masked. Both renders of all samples
+    are batched. A turn's span runs from its first piece to its last, with what the template puts between (the
+    `</think>` after reasoning); a tool-call turn without content starts where the generation prompt ends. Then its
+    end: see `_closing`."""
+    results = [None] * len(samples)
+    chats = []  # (index, turns, pieces) of each chat sample
+    for i, sample in enumerate(samples):
+        messages = sample["messages"]
+        if messages[0]["role"] == "pretraining":
+            text = "".join(m["content"] + _worker["tok"].eos_token for m in messages)
+            results[i] = text, [(0, len(text))], 0
+            continue
+        turns = [k for k, m in enumerate(messages)
+                 if m["role"] == "assistant" or (sample.get("unmask") and m["role"] != "system")]
+        pieces = [(k, f) for k in turns for f in FIELDS + ("tool_call",)
+                  if (messages[k].get("tool_calls") if f == "tool_call" else
+                      isinstance(messages[k].get(f), str) and messages[k][f].strip())]
+        chats.append((i, turns, pieces))
+    plains = _apply_many([(samples[i]["messages"], samples[i].get("tools")) for i, _, _ in chats])
+    marks = [None if isinstance(p, ValueError) else next((s for s in MARK_SETS if not any(ch in p for ch in s)), None)
+             for p in plains]
+    marked = iter(_apply_many([(_marked(samples[i]["messages"], pieces, m), samples[i].get("tools"))
+                               for (i, _, pieces), m in zip(chats, marks) if m]))
+    for (i, turns, pieces), plain, m in zip(chats, plains, marks):
+        if isinstance(plain, ValueError):
+            results[i] = plain
+        elif m is None:
+            results[i] = ValueError("the rendered text uses every private-use character the span markers could use")
+        else:
+            try:
+                results[i] = _spans(samples[i], turns, pieces, plain, m, next(marked))
+            except ValueError as e:
+                results[i] = e
+    return results
+
+
+def _spans(sample, turns, pieces, plain, marks, marked) -> tuple[str, list[tuple[int, int]], int]:
+    messages, tools = sample["messages"], sample.get("tools")
+    if isinstance(marked, ValueError):
+        raise marked
+    text, located = _located(marked, pieces, marks)
     if text != plain:
         raise ValueError("the chat template renders these messages differently once their content is marked "
                          "(it inspects the content), so the trained spans cannot be located exactly")

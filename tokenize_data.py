@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chat_spans import _worker, render  # _worker: this process's tokenizer state, set by _init_worker
+from chat_spans import _worker, render_all  # _worker: this process's tokenizer state, set by _init_worker
 from config import EMBEDDED_MODEL, ConfigError, cache_dir, embedded_export_dir, exit_on_error, load_config
 from eval.report import write_atomic
 
@@ -156,16 +156,26 @@ def tokenize_chunk(chunk: list[tuple[int, bytes]]) -> dict:
     array of ids and one of labels, with their lengths and trained-token count."""
     out = {"ids": [], "labels": [], "lengths": [], "loss_tokens": 0, "too_long": 0, "no_loss_tokens": 0,
            "turns_without_end": 0, "rejects": []}
-    texts, spans, open_turns = [], [], []
+    def reject(lineno, raw, e):
+        out["rejects"].append((lineno, str(e), raw.decode("utf-8", "replace").rstrip("\n")))
+
+    parsed, samples = [], []
     for lineno, raw in chunk:
         try:
-            text, sample_spans, n_open = render(parse_line(raw))
+            samples.append(parse_line(raw))
+            parsed.append((lineno, raw))
         except ValueError as e:
-            out["rejects"].append((lineno, str(e), raw.decode("utf-8", "replace").rstrip("\n")))
+            reject(lineno, raw, e)
+    texts, spans, open_turns = [], [], []
+    for (lineno, raw), rendered in zip(parsed, render_all(samples)):
+        if isinstance(rendered, ValueError):
+            reject(lineno, raw, rendered)
             continue
+        text, sample_spans, n_open = rendered
         texts.append(text)
         spans.append(sample_spans)
         open_turns.append(n_open)
+    out["rejects"].sort()  # by line: the first is the one reported
     if texts:
         # the Rust tokenizer directly: transformers' per-sample dict conversion costs ~15% of tokenization
         encodings = _worker["tok"].backend_tokenizer.encode_batch(texts, add_special_tokens=False)

@@ -11,7 +11,8 @@ packing=True (bfd), skipped when trl is not installed. For each packing peer the
 row's attention stays inside each sample: the logits of two samples packed by its collator against each alone.
 Each peer runs in a fresh interpreter, as it does for its users; the best one runs again with train.py's allocator
 setting (hardware.keep_freed_memory; the raw forward+backward has it too), to show what that setting is worth.
-Every figure counts real tokens only; the first `--warmup` steps of each method are not timed. The bench also times
+The raw forward+backward runs before and after train.py (this machine's speed drifts over minutes), its figure
+the mean of both. Every figure counts real tokens only; the first `--warmup` steps of each method are not timed. The bench also times
 train.py from outside (when each line of its metrics.jsonl appears) and checks that the logged step times agree.
 
     --ladder    also times the raw forward+backward with each optimization of model.py switched off in turn, and
@@ -252,8 +253,14 @@ def main():
         model = CausalLMWithLoss(load_model(model_path, torch.float32, attn)).train()
         raw = raw_steps(model, data, plan, attn, bf16)
         rates = {"raw_fwd_bwd_packed": rate(raw[args.warmup:])}
-        print(f"raw_fwd_bwd_packed: {rates['raw_fwd_bwd_packed']:.1f} tokens/s", flush=True)
+        print(f"raw_fwd_bwd_packed before train.py: {rates['raw_fwd_bwd_packed']:.1f} tokens/s", flush=True)
         ran = run_train_py(overrides, work / "run" / "metrics.jsonl", args.timeout)
+        # the same rows again after train.py: this machine's speed drifts by several percent over minutes, so the
+        # limit is the mean of both, one on each side of train.py's run
+        raw_after = raw_steps(model, data, plan, attn, bf16)
+        rates["raw_fwd_bwd_packed"] = rate(raw[args.warmup:] + raw_after[args.warmup:])
+        print(f"raw_fwd_bwd_packed after train.py: {rate(raw_after[args.warmup:]):.1f} tokens/s; both: "
+              f"{rates['raw_fwd_bwd_packed']:.1f}", flush=True)
         rows, arrivals = ran["rows"], ran["arrivals"]
         assert [r["num_tokens"] for r in rows] == step_tokens, "train.py trained other tokens than the plan"
         timed = rows[args.warmup:]
@@ -298,6 +305,7 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
     result.update(step_tokens=step_tokens, tokens_per_s=rates, train_py_metrics=timed, raw_steps=raw,
+                  raw_steps_after_train_py=raw_after,
                   compute_dtype="bfloat16" if bf16 else "float32", best_peer=best,
                   ratio_vs_raw_fwd_bwd=rates["train.py"] / rates["raw_fwd_bwd_packed"])
     if best:

@@ -75,6 +75,11 @@ def test_train_throughput_bench_agrees_with_train_py_metrics(tmp_path, tiny_mode
     assert all(leak < 1e-4 for leak in result["packing_leak_max_abs_logit"].values())
     assert len(result["ladder_raw_tokens_per_s"]) == 6 and len(result["ladder_optimizer_step_s"]) == 2
     assert len(result["train_py_metrics"]) == 2 and len(result["step_tokens"]) == 3
+    # the limit: the same rows before and after train.py's run, the timed steps of both together
+    before, after = result["raw_steps"][1:], result["raw_steps_after_train_py"][1:]
+    assert [t for _, t in result["raw_steps_after_train_py"]] == result["step_tokens"]
+    assert rates["raw_fwd_bwd_packed"] == pytest.approx(sum(t for _, t in before + after)
+                                                        / sum(s for s, _ in before + after), rel=1e-12)
     # the Trainer's steps held exactly the plan's samples; TRL packs its own rows
     assert [t for _, t in result["peer_steps"]["hf_trainer_flattened"]] == result["step_tokens"]
     assert 0 < result["padded_batch_padding_fraction"] < 1  # lognormal lengths: padded batches carry padding

@@ -119,6 +119,28 @@ def test_skip_invalid_writes_rejects(tmp_path, embedded_dir):
     assert [r["line"] for r in rejects] == [2, 4] and "invalid JSON" in rejects[0]["reason"]
 
 
+def test_a_line_the_template_rejects_fails_alone_and_the_first_bad_line_is_reported(tmp_path, embedded_dir):
+    """Conversations are rendered in batches: the tool-role line the template raises for is redone alone, the
+    conversations around it come out as they do without it, and of two bad lines the earlier one is named."""
+    tmpl = tmp_path / "t.jinja"
+    tmpl.write_text(OTHER_TEMPLATE)
+    good = [json.dumps(c) for c in CONVERSATIONS]
+    rejected = BAD_LINES[-1][0]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [good[0], rejected, good[1], good[2]])
+    meta = tokenize_dataset(mixed, embedded_dir, str(tmp_path / "mixed"), 512, str(tmpl), skip_invalid=True)
+    alone = write_jsonl(tmp_path / "good.jsonl", good)
+    tokenize_dataset(alone, embedded_dir, str(tmp_path / "good"), 512, str(tmpl))
+    got, want = load_tokenized(str(tmp_path / "mixed")), load_tokenized(str(tmp_path / "good"))
+    assert meta["num_samples"] == 3 and meta["dropped"]["invalid"] == 1
+    for key in ("input_ids", "labels", "offsets"):
+        assert np.array_equal(got[key], want[key]), key
+    reject, = [json.loads(x) for x in (tmp_path / "mixed" / "rejects.jsonl").read_text().splitlines()]
+    assert reject["line"] == 2 and "rejected" in reject["reason"]
+    both = write_jsonl(tmp_path / "both.jsonl", [good[0], rejected, BAD_LINES[0][0]])  # render, then parse error
+    with pytest.raises(ConfigError, match=r"both.jsonl:2: .*rejected"):
+        tokenize_dataset(both, embedded_dir, str(tmp_path / "out"), 512, str(tmpl))
+
+
 def test_empty_file_missing_model_and_cli_errors_without_traceback(tmp_path, embedded_dir):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
