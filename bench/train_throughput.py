@@ -11,9 +11,9 @@ packing=True (bfd), skipped when trl is not installed. For each packing peer the
 row's attention stays inside each sample: the logits of two samples packed by its collator against each alone.
 Each peer runs in a fresh interpreter, as it does for its users; the best one runs again with train.py's allocator
 setting (hardware.keep_freed_memory; the raw forward+backward has it too), to show what that setting is worth.
-The raw forward+backward runs before and after train.py (this machine's speed drifts over minutes), its figure
-the mean of both. Every figure counts real tokens only; the first `--warmup` steps of each method are not timed. The bench also times
-train.py from outside (when each line of its metrics.jsonl appears) and checks that the logged step times agree.
+The raw forward+backward runs in a fresh interpreter too, before and after train.py (a 2-core VM's speed drifts by
+several percent over minutes), its figure the mean of both. Every figure counts real tokens only; the first
+`--warmup` steps of each method are not timed. The bench also times train.py from outside (when each line of its metrics.jsonl appears) and checks that the logged step times agree.
 
     --ladder    also times the raw forward+backward with each optimization of model.py switched off in turn, and
                 the optimizer step with torch's default (foreach) AdamW against the fused one train.py uses
@@ -175,6 +175,12 @@ def raw_steps(model, data: dict, plan: list[dict], attn: str, bf16=False, **vari
     return out
 
 
+def raw_fwd_bwd(model_path: str, data: dict, plan: list[dict], attn: str, bf16: bool) -> list[tuple]:
+    """raw_steps of a freshly loaded model, meant for a process of its own as train.py and each peer have: the
+    limit is then measured in the same conditions, with no other model's memory in this process."""
+    return raw_steps(CausalLMWithLoss(load_model(model_path, torch.float32, attn)).train(), data, plan, attn, bf16)
+
+
 def optimizer_step_seconds(model, fused: bool, repeats: int = 3) -> float:
     """One AdamW step over every parameter, as train.py takes it (fused) or with torch's default (foreach)."""
     params = list(model.parameters())
@@ -246,18 +252,16 @@ def main():
                                   cfg.max_batch_len, 1, cfg.random_seed, 0)[:total_steps]
         step_tokens = [sum(int(data["lengths"][i]) for m in s["micro_batches"] for r in m for i in r) for s in plan]
 
-        # the compute limit first, while this process is as fresh as train.py's, with its allocator setting
-        hardware.keep_freed_memory()
+        # the compute limit first, in a fresh process with train.py's allocator setting
         bf16 = hardware.compute_dtype(cfg, torch.device("cpu")) == torch.bfloat16
         attn = attention_backend(torch.device("cpu"))
-        model = CausalLMWithLoss(load_model(model_path, torch.float32, attn)).train()
-        raw = raw_steps(model, data, plan, attn, bf16)
+        raw = in_fresh_process(raw_fwd_bwd, (model_path, data, plan, attn, bf16), allocator=True)
         rates = {"raw_fwd_bwd_packed": rate(raw[args.warmup:])}
         print(f"raw_fwd_bwd_packed before train.py: {rates['raw_fwd_bwd_packed']:.1f} tokens/s", flush=True)
         ran = run_train_py(overrides, work / "run" / "metrics.jsonl", args.timeout)
         # the same rows again after train.py: this machine's speed drifts by several percent over minutes, so the
         # limit is the mean of both, one on each side of train.py's run
-        raw_after = raw_steps(model, data, plan, attn, bf16)
+        raw_after = in_fresh_process(raw_fwd_bwd, (model_path, data, plan, attn, bf16), allocator=True)
         rates["raw_fwd_bwd_packed"] = rate(raw[args.warmup:] + raw_after[args.warmup:])
         print(f"raw_fwd_bwd_packed after train.py: {rate(raw_after[args.warmup:]):.1f} tokens/s; both: "
               f"{rates['raw_fwd_bwd_packed']:.1f}", flush=True)
@@ -293,6 +297,8 @@ def main():
             rates[f"{best}+allocator"] = rate(steps[args.warmup:])
             print(f"{best} with train.py's allocator setting: {rates[f'{best}+allocator']:.1f} tokens/s", flush=True)
         if args.ladder:
+            hardware.keep_freed_memory()
+            model = CausalLMWithLoss(load_model(model_path, torch.float32, attn)).train()
             result["ladder_raw_tokens_per_s"] = {}
             for name, (attention, b, c, a, ladder_bf16) in LADDER.items():
                 steps = raw_steps(model, data, plan, attention, ladder_bf16, bool_mask=b, chunked_ce=c,
