@@ -87,7 +87,7 @@ def _apply_many(chats: list[tuple[list, list | None]]) -> list[str | ValueError]
         try:
             out += _worker["tok"].apply_chat_template(run, tools=tools, chat_template=_worker["template"],
                                                       tokenize=False)
-        except Exception:  # which conversation it was: see below
+        except Exception:  # one call each, to find the conversations it rejects
             for messages in run:
                 try:
                     out.append(_apply(messages, tools))

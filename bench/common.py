@@ -76,7 +76,7 @@ def run_train_py(overrides: list[str], metrics_file: Path, timeout_s: float, npr
                 arrivals += [now] * (lines - len(arrivals))
                 arrival_errors += [now - last_look] * (lines - len(arrival_errors))
             last_look = time.perf_counter()
-            time.sleep(0.05)  # looks take CPU from train.py: one every 5 ms cost it 2-3% on 2 cores
+            time.sleep(0.05)  # looks take CPU from train.py: one every 5 ms cost it up to 3% on 2 cores
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too

@@ -13,7 +13,8 @@ Each peer runs in a fresh interpreter, as it does for its users; the best one ru
 setting (hardware.keep_freed_memory; the raw forward+backward has it too), to show what that setting is worth.
 The raw forward+backward runs in a fresh interpreter too, before and after train.py (a 2-core VM's speed drifts by
 several percent over minutes), its figure the mean of both. Every figure counts real tokens only; the first
-`--warmup` steps of each method are not timed. The bench also times train.py from outside (when each line of its metrics.jsonl appears) and checks that the logged step times agree.
+`--warmup` steps of each method are not timed. The bench also times train.py from outside (when each line of its
+metrics.jsonl appears) and checks that the logged step times agree.
 
     --ladder    also times the raw forward+backward with each optimization of model.py switched off in turn, and
                 the optimizer step with torch's default (foreach) AdamW against the fused one train.py uses
@@ -259,8 +260,7 @@ def main():
         rates = {"raw_fwd_bwd_packed": rate(raw[args.warmup:])}
         print(f"raw_fwd_bwd_packed before train.py: {rates['raw_fwd_bwd_packed']:.1f} tokens/s", flush=True)
         ran = run_train_py(overrides, work / "run" / "metrics.jsonl", args.timeout)
-        # the same rows again after train.py: this machine's speed drifts by several percent over minutes, so the
-        # limit is the mean of both, one on each side of train.py's run
+        # the same rows again: the limit is the mean of one run on each side of train.py's
         raw_after = in_fresh_process(raw_fwd_bwd, (model_path, data, plan, attn, bf16), allocator=True)
         rates["raw_fwd_bwd_packed"] = rate(raw[args.warmup:] + raw_after[args.warmup:])
         print(f"raw_fwd_bwd_packed after train.py: {rate(raw_after[args.warmup:]):.1f} tokens/s; both: "
