@@ -493,7 +493,9 @@ def test_a_stopped_run_leaves_no_reply_computing_on_the_server(teacher_url, tmp_
         [sys.executable, "-m", "sdg", "generate", "--taxonomy", str(taxonomy), "--output-dir", str(tmp_path / "out"),
          "--num-instructions", "3", "--endpoint", teacher_url, "--concurrency", "4", "--judge-threshold", "0",
          *FAST, "--max-tokens", "128"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "MINILAB_TEST_HOOK": f"in_flight=3:{action}"})
+        env={**os.environ, "MINILAB_TEST_HOOK": f"in_flight=3:{action}"},
+        # Ctrl-C as in a terminal: a suite started in the background (`pytest &`) hands its children SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert killed.returncode == exit_status, killed.stderr[-2000:]
     for _ in range(600):  # the server notices the closed connection at its next token
         after = server_props(teacher_url)
