@@ -65,8 +65,8 @@ def keep_freed_memory() -> bool:
     """Let glibc reuse the pages of freed tensors. Each CPU step allocates and frees the same large activation and
     gradient buffers; by default glibc maps each afresh (a page fault and zeroing per 4 KiB) and hands freed heap
     back to the system. With no mmap'd chunks and no trimming, fwd+bwd ran 5-8% faster in fp32 and the flattening
-    Trainer 19% in bf16 (bench/train_throughput.py runs that peer with and without it). The resident size stays at its peak, which every step reaches anyway. False where
-    the C library is not glibc."""
+    Trainer 19% in bf16 (bench/train_throughput.py runs that peer with and without it). The resident size stays at
+    its peak, which every step reaches anyway. False where the C library is not glibc."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)

@@ -156,6 +156,7 @@ def tokenize_chunk(chunk: list[tuple[int, bytes]]) -> dict:
     array of ids and one of labels, with their lengths and trained-token count."""
     out = {"ids": [], "labels": [], "lengths": [], "loss_tokens": 0, "too_long": 0, "no_loss_tokens": 0,
            "turns_without_end": 0, "rejects": []}
+
     def reject(lineno, raw, e):
         out["rejects"].append((lineno, str(e), raw.decode("utf-8", "replace").rstrip("\n")))
 
