@@ -1,7 +1,8 @@
 """Training throughput: train.py against the peers a user would pick instead and against the raw forward+backward
 of the same packed rows (the compute limit), from one run.
 
-    python bench/train_throughput.py [--samples 48] [--median-words 50] [--steps 4] [--warmup 2] [--ladder]
+    python bench/train_throughput.py [--samples 48] [--median-words 50] [--steps 4] [--warmup 2] [--repeats 1]
+                                     [--ladder]
 
 Same model (the embedded SmolLM2-135M-Instruct), same tokenized lognormal-length conversations, same dtype (`auto`
 as users get it: bf16 autocast on a CPU with native bf16, else fp32; --dtype to fix it), same optimizer (fused
@@ -16,6 +17,9 @@ several percent over minutes), its figure the mean of both. Every figure counts 
 `--warmup` steps of each method are not timed. The bench also times train.py from outside (when each line of its
 metrics.jsonl appears) and checks that the logged step times agree.
 
+    --repeats N runs N rounds of every method in the order above (the best peer of the first round is the one rerun
+                with the allocator setting in each); each figure is the median over the rounds and each ratio the
+                median of the rounds' own ratios, since a round's methods run minutes apart and the rounds longer
     --ladder    also times the raw forward+backward with each optimization of model.py switched off in turn, and
                 the optimizer step with torch's default (foreach) AdamW against the fused one train.py uses
 """
@@ -208,6 +212,115 @@ def rate(steps: list[tuple]) -> float:
     return sum(t for _, t in steps) / sum(s for s, _ in steps)
 
 
+def run_peer(setup: dict, peer: str, allocator=False) -> tuple[list[tuple], float | None]:
+    """peer_steps in a fresh interpreter, on the plan's samples in order."""
+    return in_fresh_process(peer_steps, (peer, setup["model_path"], setup["rows_in_order"], len(setup["plan"]),
+                                         setup["plan"][0]["num_samples"], setup["mean_tokens"], setup["lr"],
+                                         setup["bf16"], setup["work"] / peer), allocator)
+
+
+def measure_round(setup: dict, peers: list[str]) -> dict:
+    """One round, every method in a fresh process, in this order: the raw rows, train.py, the raw rows again (the
+    limit is the mean of both sides), then each peer. Tokens/s per method and the raw material behind each."""
+    warmup, work = setup["warmup"], setup["work"]
+    raw_args = tuple(setup[k] for k in ("model_path", "data", "plan", "attn", "bf16"))
+    raw = in_fresh_process(raw_fwd_bwd, raw_args, allocator=True)
+    print(f"raw_fwd_bwd_packed before train.py: {rate(raw[warmup:]):.1f} tokens/s", flush=True)
+    shutil.rmtree(work / "run", ignore_errors=True)  # each round's train.py starts from nothing
+    ran = run_train_py(setup["overrides"], work / "run" / "metrics.jsonl", setup["timeout"])
+    raw_after = in_fresh_process(raw_fwd_bwd, raw_args, allocator=True)
+    rates = {"raw_fwd_bwd_packed": rate(raw[warmup:] + raw_after[warmup:])}
+    print(f"raw_fwd_bwd_packed after train.py: {rate(raw_after[warmup:]):.1f} tokens/s; both: "
+          f"{rates['raw_fwd_bwd_packed']:.1f}", flush=True)
+    rows, arrivals = ran["rows"], ran["arrivals"]
+    assert [r["num_tokens"] for r in rows] == setup["step_tokens"], "train.py trained other tokens than the plan"
+    timed = rows[warmup:]
+    rates["train.py"] = rate([(r["step_time_s"], r["num_tokens"]) for r in timed])
+    print(f"train.py: {rates['train.py']:.1f} tokens/s", flush=True)
+    out = {"tokens_per_s": rates, "raw_steps": raw, "raw_steps_after_train_py": raw_after, "train_py_metrics": timed,
+           "peer_steps": {}, "packing_leak_max_abs_logit": {}}
+    outside = [b - a for a, b in zip(arrivals[warmup - 1:], arrivals[warmup:])] if warmup else []
+    if outside:
+        out["logged_vs_outside_step_time"] = sum(r["step_time_s"] for r in timed) / sum(outside)
+        errors = ran["arrival_errors"]  # each end of the timed span is known to within its look's gap
+        out["outside_clock_error_bound"] = (errors[warmup - 1] + errors[-1]) / sum(outside)
+    for peer in peers:
+        steps, leak = run_peer(setup, peer)
+        if peer != "trl_sft_packed":  # TRL packs its own rows; the Trainer's steps hold the plan's samples
+            assert [t for _, t in steps] == setup["step_tokens"], f"{peer} saw other samples than the plan"
+        rates[peer], out["peer_steps"][peer] = rate(steps[warmup:]), steps
+        if leak is not None:
+            out["packing_leak_max_abs_logit"][peer] = leak
+        print(f"{peer}: {rates[peer]:.1f} tokens/s" + ("" if leak is None else f", packing leak {leak:.2g}"),
+              flush=True)
+    return out
+
+
+def ladder(setup: dict) -> dict:
+    """Raw forward+backward with each optimization of model.py undone in turn, and the optimizer step two ways."""
+    hardware.keep_freed_memory()
+    model = CausalLMWithLoss(load_model(setup["model_path"], torch.float32, setup["attn"])).train()
+    result = {"ladder_raw_tokens_per_s": {}}
+    for name, (attention, b, c, a, ladder_bf16) in LADDER.items():
+        steps = raw_steps(model, setup["data"], setup["plan"], attention, ladder_bf16, bool_mask=b, chunked_ce=c,
+                          all_logits=a)[setup["warmup"]:]
+        result["ladder_raw_tokens_per_s"][name] = rate(steps)
+        print(f"ladder {name}: {rate(steps):.1f} tokens/s", flush=True)
+    result["ladder_optimizer_step_s"] = {"foreach AdamW (torch default)": optimizer_step_seconds(model, False),
+                                         "fused AdamW (now)": optimizer_step_seconds(model, True)}
+    return result
+
+
+def report(result: dict, rounds: list[dict], plan: list[dict], data: dict, step_tokens: list[int], bf16: bool,
+           args) -> None:
+    """Each figure the median over the rounds, each ratio the median of its per-round ratios (a round's methods
+    run minutes apart, the rounds further apart), printed with every round's figure and saved with all of them."""
+    names = list(rounds[0]["tokens_per_s"])
+    rates = {n: float(np.median([r["tokens_per_s"][n] for r in rounds])) for n in names}
+    train_py_is = {n: float(np.median([r["train_py_is"][n] for r in rounds])) for n in names}
+    best = max((p for p in PEERS if p in rates), key=rates.get, default=None)
+    leaks = {p: max(r["packing_leak_max_abs_logit"][p] for r in rounds)
+             for p in rounds[0]["packing_leak_max_abs_logit"]}
+    result.update(rounds=rounds, step_tokens=step_tokens, tokens_per_s=rates, train_py_is=train_py_is,
+                  packing_leak_max_abs_logit=leaks, compute_dtype="bfloat16" if bf16 else "float32", best_peer=best,
+                  ratio_vs_raw_fwd_bwd=train_py_is["raw_fwd_bwd_packed"])
+    if best:
+        result["ratio_vs_best_peer"] = train_py_is[best]
+    with_allocator = next((n for n in names if n.endswith("+allocator")), None)
+    if with_allocator:
+        result["ratio_vs_best_peer_with_allocator"] = train_py_is[with_allocator]
+    padded = sum(len(s["micro_batches"][0][0]) * max(int(data["lengths"][i]) for i in s["micro_batches"][0][0])
+                 for s in plan[args.warmup:])
+    result["padded_batch_padding_fraction"] = 1 - sum(step_tokens[args.warmup:]) / padded
+    print(json.dumps(result["env"]))
+    print(f"{len(plan)} steps of {args.effective_batch_size} samples, {np.mean(step_tokens):.0f} real tokens each, "
+          f"{result['compute_dtype']}; padded batches are {result['padded_batch_padding_fraction']:.0%} padding; "
+          f"medians of {len(rounds)} round(s)")
+    print(f"{'method':22} {'tokens/s':>9} {'train.py is':>12}  {'each round: tokens/s (train.py is)'}")
+    for name in names:
+        leak = leaks.get(name)
+        note = "" if leak is None else f"  packed samples {'see each other' if leak > LEAK_TOLERANCE else 'apart'}" \
+            f" (max |logit| diff {leak:.1e} against each sample alone)"
+        each = ", ".join(f"{r['tokens_per_s'][name]:.1f} ({r['train_py_is'][name]:.2f}x)" for r in rounds)
+        print(f"{name:22} {rates[name]:9.1f} {train_py_is[name]:11.2f}x  {each}{note}")
+    for peer, why in result["skipped"].items():
+        print(f"{peer:22} skipped: {why}")
+    if best:
+        print(f"goal: >= 1.30x the best peer ({best}): {result['ratio_vs_best_peer']:.2f}x; "
+              f">= 0.90x the raw fwd+bwd: {result['ratio_vs_raw_fwd_bwd']:.2f}x")
+    clocks = [r["logged_vs_outside_step_time"] for r in rounds if "logged_vs_outside_step_time" in r]
+    if clocks:
+        print(f"train.py's logged step_time_s / the bench's own clock: {', '.join(f'{c:.3f}' for c in clocks)}")
+    ladder_rates = result.get("ladder_raw_tokens_per_s", {})
+    first = next(iter(ladder_rates.values()), None)
+    for name, r in ladder_rates.items():  # raw forward+backward against raw forward+backward: no optimizer in either
+        print(f"ladder (raw fwd+bwd) {name:45} {r:9.1f} tokens/s {r / first:6.2f}x the first")
+    step_s = np.mean([s for s, _ in rounds[0]["raw_steps"][args.warmup:]])
+    for name, seconds in result.get("ladder_optimizer_step_s", {}).items():
+        print(f"ladder optimizer step: {name:30} {seconds:7.3f} s ({seconds / step_s:.0%} of a step's fwd+bwd)")
+    print(f"saved {save_result('train_throughput', result, args.json)}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=48, help="conversations in the data set")
@@ -215,8 +328,9 @@ def main():
     p.add_argument("--effective-batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per method")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every method, one after another; medians")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--timeout", type=float, default=900, help="seconds allowed for the train.py run")
+    p.add_argument("--timeout", type=float, default=900, help="seconds allowed for each train.py run")
     p.add_argument("--model-path", default=EMBEDDED_MODEL, help="an HF folder (the tests use a tiny model)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="train.py's dtype, and the same for every peer and the raw fwd+bwd (auto: what users get)")
@@ -231,11 +345,16 @@ def main():
     unknown = sorted(set(peers) - set(PEERS))
     if unknown:
         raise ConfigError(f"--peers: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats: {args.repeats}; give 1 or more rounds")
+    result = {"env": environment(), "args": vars(args), "skipped": {}}
+    if "trl_sft_packed" in peers and importlib.util.find_spec("trl") is None:
+        result["skipped"]["trl_sft_packed"] = "trl is not installed (pip install trl)"
+        peers.remove("trl_sft_packed")
     model_path = resolve_model_path(args.model_path)
     total_steps = args.warmup + args.steps
     n = max(args.samples, total_steps * args.effective_batch_size)
     work = Path(tempfile.mkdtemp(prefix="minilab-bench-train-"))
-    result = {"env": environment(), "args": vars(args)}
     try:
         src = write_jsonl(work / "train.jsonl", vocab_conversations(load_tokenizer(model_path), n,
                                                                     args.median_words, args.seed))
@@ -252,103 +371,29 @@ def main():
         plan = sampler.plan_epoch(data["lengths"], data["loss_counts"], cfg.effective_batch_size,
                                   cfg.max_batch_len, 1, cfg.random_seed, 0)[:total_steps]
         step_tokens = [sum(int(data["lengths"][i]) for m in s["micro_batches"] for r in m for i in r) for s in plan]
-
-        # the compute limit first, in a fresh process with train.py's allocator setting
         bf16 = hardware.compute_dtype(cfg, torch.device("cpu")) == torch.bfloat16
-        attn = attention_backend(torch.device("cpu"))
-        raw = in_fresh_process(raw_fwd_bwd, (model_path, data, plan, attn, bf16), allocator=True)
-        rates = {"raw_fwd_bwd_packed": rate(raw[args.warmup:])}
-        print(f"raw_fwd_bwd_packed before train.py: {rates['raw_fwd_bwd_packed']:.1f} tokens/s", flush=True)
-        ran = run_train_py(overrides, work / "run" / "metrics.jsonl", args.timeout)
-        # the same rows again: the limit is the mean of one run on each side of train.py's
-        raw_after = in_fresh_process(raw_fwd_bwd, (model_path, data, plan, attn, bf16), allocator=True)
-        rates["raw_fwd_bwd_packed"] = rate(raw[args.warmup:] + raw_after[args.warmup:])
-        print(f"raw_fwd_bwd_packed after train.py: {rate(raw_after[args.warmup:]):.1f} tokens/s; both: "
-              f"{rates['raw_fwd_bwd_packed']:.1f}", flush=True)
-        rows, arrivals = ran["rows"], ran["arrivals"]
-        assert [r["num_tokens"] for r in rows] == step_tokens, "train.py trained other tokens than the plan"
-        timed = rows[args.warmup:]
-        outside = [b - a for a, b in zip(arrivals[args.warmup - 1:], arrivals[args.warmup:])] if args.warmup else []
-        rates["train.py"] = rate([(r["step_time_s"], r["num_tokens"]) for r in timed])
-        print(f"train.py: {rates['train.py']:.1f} tokens/s", flush=True)
-        result.update(peer_steps={}, packing_leak_max_abs_logit={}, skipped={})
-        rows_in_order, mean_tokens = plan_rows(data, plan), int(np.mean(step_tokens))
-
-        def run_peer(peer: str, allocator=False):
-            return in_fresh_process(peer_steps, (peer, model_path, rows_in_order, len(plan), plan[0]["num_samples"],
-                                                 mean_tokens, cfg.learning_rate, bf16, work / peer), allocator)
-        for peer in peers:
-            if peer == "trl_sft_packed" and importlib.util.find_spec("trl") is None:
-                result["skipped"][peer] = "trl is not installed (pip install trl)"
-                print(f"{peer}: skipped, {result['skipped'][peer]}", flush=True)
-                continue
-            steps, leak = run_peer(peer)
-            if peer != "trl_sft_packed":  # TRL packs its own rows; the Trainer's steps hold the plan's samples
-                assert [t for _, t in steps] == step_tokens, f"{peer} saw other samples than the plan"
-            rates[peer], result["peer_steps"][peer] = rate(steps[args.warmup:]), steps
-            if leak is not None:
-                result["packing_leak_max_abs_logit"][peer] = leak
-            print(f"{peer}: {rates[peer]:.1f} tokens/s" + ("" if leak is None else f", packing leak {leak:.2g}"),
-                  flush=True)
-        ran_peers = [p for p in peers if p in rates]
-        best = max(ran_peers, key=rates.get) if ran_peers else None
-        if best and args.peer_with_allocator:  # how much of train.py's lead is its allocator setting
-            steps, _ = run_peer(best, allocator=True)
-            rates[f"{best}+allocator"] = rate(steps[args.warmup:])
-            print(f"{best} with train.py's allocator setting: {rates[f'{best}+allocator']:.1f} tokens/s", flush=True)
+        setup = {"model_path": model_path, "data": data, "plan": plan, "attn": attention_backend(torch.device("cpu")),
+                 "bf16": bf16, "warmup": args.warmup, "work": work, "overrides": overrides, "timeout": args.timeout,
+                 "step_tokens": step_tokens, "rows_in_order": plan_rows(data, plan),
+                 "mean_tokens": int(np.mean(step_tokens)), "lr": cfg.learning_rate}
+        rounds, allocator_peer = [], None
+        for r in range(args.repeats):
+            print(f"round {r + 1} of {args.repeats}", flush=True)
+            rnd = measure_round(setup, peers)
+            if args.peer_with_allocator and peers:  # how much of train.py's lead is its allocator setting
+                allocator_peer = allocator_peer or max(peers, key=rnd["tokens_per_s"].get)  # the first round's best
+                name = f"{allocator_peer}+allocator"
+                rnd["tokens_per_s"][name] = rate(run_peer(setup, allocator_peer, allocator=True)[0][args.warmup:])
+                print(f"{allocator_peer} with train.py's allocator setting: {rnd['tokens_per_s'][name]:.1f} tokens/s",
+                      flush=True)
+            rates = rnd["tokens_per_s"]
+            rnd["train_py_is"] = {name: rates["train.py"] / v for name, v in rates.items()}
+            rounds.append(rnd)
         if args.ladder:
-            hardware.keep_freed_memory()
-            model = CausalLMWithLoss(load_model(model_path, torch.float32, attn)).train()
-            result["ladder_raw_tokens_per_s"] = {}
-            for name, (attention, b, c, a, ladder_bf16) in LADDER.items():
-                steps = raw_steps(model, data, plan, attention, ladder_bf16, bool_mask=b, chunked_ce=c,
-                                  all_logits=a)[args.warmup:]
-                result["ladder_raw_tokens_per_s"][name] = rate(steps)
-                print(f"ladder {name}: {rate(steps):.1f} tokens/s", flush=True)
-            result["ladder_optimizer_step_s"] = {"foreach AdamW (torch default)": optimizer_step_seconds(model, False),
-                                                 "fused AdamW (now)": optimizer_step_seconds(model, True)}
+            result.update(ladder(setup))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    result.update(step_tokens=step_tokens, tokens_per_s=rates, train_py_metrics=timed, raw_steps=raw,
-                  raw_steps_after_train_py=raw_after,
-                  compute_dtype="bfloat16" if bf16 else "float32", best_peer=best,
-                  ratio_vs_raw_fwd_bwd=rates["train.py"] / rates["raw_fwd_bwd_packed"])
-    if best:
-        result["ratio_vs_best_peer"] = rates["train.py"] / rates[best]
-    if f"{best}+allocator" in rates:
-        result["ratio_vs_best_peer_with_allocator"] = rates["train.py"] / rates[f"{best}+allocator"]
-    padded = sum(len(s["micro_batches"][0][0]) * max(int(data["lengths"][i]) for i in s["micro_batches"][0][0])
-                 for s in plan[args.warmup:])
-    result["padded_batch_padding_fraction"] = 1 - sum(step_tokens[args.warmup:]) / padded
-    if outside:
-        logged, measured = sum(r["step_time_s"] for r in timed), sum(outside)
-        result["logged_vs_outside_step_time"] = logged / measured
-        errors = ran["arrival_errors"]  # each end of the timed span is known to within its look's gap
-        result["outside_clock_error_bound"] = (errors[args.warmup - 1] + errors[-1]) / measured
-    print(json.dumps(result["env"]))
-    print(f"{len(plan)} steps of {args.effective_batch_size} samples, {np.mean(step_tokens):.0f} real tokens each, "
-          f"{result['compute_dtype']}; padded batches are {result['padded_batch_padding_fraction']:.0%} padding")
-    print(f"{'method':22} {'tokens/s':>9} {'train.py is':>12}")
-    for name, r in rates.items():
-        leak = result["packing_leak_max_abs_logit"].get(name)
-        note = "" if leak is None else f"  packed samples {'see each other' if leak > LEAK_TOLERANCE else 'apart'}" \
-            f" (max |logit| diff {leak:.1e} against each sample alone)"
-        print(f"{name:22} {r:9.1f} {rates['train.py'] / r:11.2f}x{note}")
-    for peer, why in result["skipped"].items():
-        print(f"{peer:22} skipped: {why}")
-    if best:
-        print(f"goal: >= 1.30x the best peer ({best}): {result['ratio_vs_best_peer']:.2f}x; "
-              f">= 0.90x the raw fwd+bwd: {result['ratio_vs_raw_fwd_bwd']:.2f}x")
-    if outside:
-        print(f"train.py's logged step_time_s / the bench's own clock: {result['logged_vs_outside_step_time']:.3f}")
-    ladder = result.get("ladder_raw_tokens_per_s", {})
-    for name, r in ladder.items():  # raw forward+backward against raw forward+backward: no optimizer in either
-        print(f"ladder (raw fwd+bwd) {name:45} {r:9.1f} tokens/s {r / next(iter(ladder.values())):6.2f}x the first")
-    step_s = np.mean([s for s, _ in raw[args.warmup:]])
-    for name, seconds in result.get("ladder_optimizer_step_s", {}).items():
-        print(f"ladder optimizer step: {name:30} {seconds:7.3f} s ({seconds / step_s:.0%} of a step's fwd+bwd)")
-    print(f"saved {save_result('train_throughput', result, args.json)}")
+    report(result, rounds, plan, data, step_tokens, bf16, args)
 
 
 if __name__ == "__main__":
