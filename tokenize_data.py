@@ -128,8 +128,6 @@ def _check_message(k: int, m) -> None:
         raise ValueError(f"messages[{k}].reasoning_content must be a string on an assistant message")
 
 
-
-
 def label_tokens(enc, ids: np.ndarray, spans) -> np.ndarray:
     """Labels for one sample (its encoding and ids): the tokens that overlap a span (a token may carry the space
     before the content). Where a span's first and last characters are in tokens, those come from the tokenizer's own

@@ -39,6 +39,7 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -202,10 +203,11 @@ def optimizer_step_seconds(model, fused: bool, repeats: int = 3) -> float:
 
 def in_fresh_process(fn, args: tuple, allocator=False):
     """fn(*args) in a new interpreter, as a peer trainer runs for its users: glibc's allocator at its defaults
-    (this process has train.py's setting, hardware.keep_freed_memory), unless `allocator` asks for that too."""
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1, initializer=hardware.keep_freed_memory if allocator else None) as pool:
-        return pool.apply(fn, args)
+    (this process has train.py's setting, hardware.keep_freed_memory), unless `allocator` asks for that too. An
+    executor, not a Pool: its worker exits on its own, so the Trainer's semaphores are released, not reported leaked."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=hardware.keep_freed_memory if allocator else None) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def rate(steps: list[tuple]) -> float:
@@ -296,15 +298,16 @@ def report(result: dict, rounds: list[dict], plan: list[dict], data: dict, step_
     print(f"{len(plan)} steps of {args.effective_batch_size} samples, {np.mean(step_tokens):.0f} real tokens each, "
           f"{result['compute_dtype']}; padded batches are {result['padded_batch_padding_fraction']:.0%} padding; "
           f"medians of {len(rounds)} round(s)")
-    print(f"{'method':22} {'tokens/s':>9} {'train.py is':>12}  {'each round: tokens/s (train.py is)'}")
+    width = max(map(len, names + list(result["skipped"])))
+    print(f"{'method':{width}} {'tokens/s':>9} {'train.py is':>12}  each round: tokens/s (train.py is)")
     for name in names:
         leak = leaks.get(name)
         note = "" if leak is None else f"  packed samples {'see each other' if leak > LEAK_TOLERANCE else 'apart'}" \
             f" (max |logit| diff {leak:.1e} against each sample alone)"
         each = ", ".join(f"{r['tokens_per_s'][name]:.1f} ({r['train_py_is'][name]:.2f}x)" for r in rounds)
-        print(f"{name:22} {rates[name]:9.1f} {train_py_is[name]:11.2f}x  {each}{note}")
+        print(f"{name:{width}} {rates[name]:9.1f} {train_py_is[name]:11.2f}x  {each}{note}")
     for peer, why in result["skipped"].items():
-        print(f"{peer:22} skipped: {why}")
+        print(f"{peer:{width}} skipped: {why}")
     if best:
         print(f"goal: >= 1.30x the best peer ({best}): {result['ratio_vs_best_peer']:.2f}x; "
               f">= 0.90x the raw fwd+bwd: {result['ratio_vs_raw_fwd_bwd']:.2f}x")
