@@ -2,6 +2,7 @@
 straightforward per-sample `apply_chat_template` loop.
 
     python bench/tokenize.py [--samples 20000] [--median-words 200] [--num-proc 2 1] [--data-process-python PY]
+                             [--repeats 1]
 
 Data: synthetic system/user/assistant conversations, lognormal lengths (a few hundred tokens), words drawn
 Zipf-like from the tokenizer's own ~31k whole-word tokens, as words occur in real text. All on the same data in one
@@ -15,7 +16,8 @@ run:
   data_process              instructlab.training's data_process CLI, where --data-process-python (default: this
                             one) imports it; else printed as skipped, with why. It drops samples under 20 tokens.
 Each method's wall time is printed against the floor's; the baselines run in this process, single-process as such
-a loop is usually written.
+a loop is usually written. --repeats N runs every method N times in rounds: each figure is then the median over
+the rounds, each ratio the median of the rounds' own ratios (a 2-core VM's speed drifts by several percent).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from bench.common import ROOT, environment, save_result, write_jsonl  # noqa: E402
 
-from config import exit_on_error  # noqa: E402
+from config import ConfigError, exit_on_error  # noqa: E402
 from model import load_tokenizer, resolve_model_path  # noqa: E402
 from tokenize_data import load_tokenized  # noqa: E402
 
@@ -144,59 +146,77 @@ def data_process(python: str, src: Path, model_path: str, out: Path, num_proc: i
     return {"tokens": tokens, "seconds": seconds, "samples": samples, "identical_to_tokenize_data": identical}
 
 
+def measure_round(tok, rows: list[dict], src: Path, model_path: str, work: Path, args, data_process_python) -> dict:
+    """Every method once on the same conversations, in the order of the table; data_process where it imports."""
+    work.mkdir()
+    runs = {"floor": floor(tok, rows, work / "floor")}
+    for n in args.num_proc:
+        runs[f"tokenize_data num_proc={n}"] = tokenize_data_cli(src, model_path, work / f"out{n}", n)
+    for name, fn in (("chat_template_ids", chat_template_ids), ("chat_template_prefix", chat_template_prefix)):
+        start = time.perf_counter()
+        tokens = fn(tok, rows)
+        runs[name] = {"tokens": tokens, "seconds": time.perf_counter() - start}
+    if data_process_python:
+        n = max(args.num_proc)
+        runs["data_process"] = data_process(data_process_python, src, model_path, work / "dp", n, work / f"out{n}")
+    base, fl = runs["chat_template_ids"], runs["floor"]
+    for r in runs.values():
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        r["ratio"] = r["tokens_per_s"] / (base["tokens"] / base["seconds"])
+        r["time_vs_floor"] = r["seconds"] / fl["seconds"]
+    return runs
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=20000)
     p.add_argument("--median-words", type=int, default=200)
     p.add_argument("--num-proc", type=int, nargs="+", default=[2, 1])
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every method, one after another; medians")
     p.add_argument("--model-path", default="embedded")
     p.add_argument("--data-process-python", default=sys.executable,
                    help="a python that imports instructlab.training (a venv of its own is fine)")
     p.add_argument("--json", help="where to write the result (default runs/bench/tokenize.json)")
     args = p.parse_args()
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats: {args.repeats}; give 1 or more rounds")
     # the floor encodes on every core, as a single-process tokenize_data.py does (its workers use one thread each)
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     model_path = resolve_model_path(args.model_path)
     tok = load_tokenizer(model_path)
     rows = vocab_conversations(tok, args.samples, args.median_words, seed=0)
     work = Path(tempfile.mkdtemp(prefix="minilab-bench-tok-"))
-    results = {"env": environment(), "samples": args.samples, "median_words": args.median_words, "runs": {},
-               "skipped": {}}
-    runs = results["runs"]
+    results = {"env": environment(), "samples": args.samples, "median_words": args.median_words, "skipped": {}}
+    missing = data_process_missing(args.data_process_python)
+    if missing:
+        results["skipped"]["data_process"] = f"{args.data_process_python}: {missing}"
     try:
         src = write_jsonl(work / "conversations.jsonl", rows)
-        runs["floor"] = floor(tok, rows, work / "floor")
-        for n in args.num_proc:
-            runs[f"tokenize_data num_proc={n}"] = tokenize_data_cli(src, model_path, work / f"out{n}", n)
-        for name, fn in (("chat_template_ids", chat_template_ids), ("chat_template_prefix", chat_template_prefix)):
-            start = time.perf_counter()
-            tokens = fn(tok, rows)
-            runs[name] = {"tokens": tokens, "seconds": time.perf_counter() - start}
-        missing = data_process_missing(args.data_process_python)
-        if missing:
-            results["skipped"]["data_process"] = f"{args.data_process_python}: {missing}"
-        else:
-            n = max(args.num_proc)
-            runs["data_process"] = data_process(args.data_process_python, src, model_path, work / "dp", n,
-                                                work / f"out{n}")
+        rounds = [measure_round(tok, rows, src, model_path, work / f"round{r}", args,
+                                None if missing else args.data_process_python) for r in range(args.repeats)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    base, fl = runs["chat_template_ids"], runs["floor"]
+    # each figure the median over the rounds; each ratio the median of the rounds' own ratios
+    runs = {name: {key: float(np.median([rnd[name][key] for rnd in rounds]))
+                   for key in ("seconds", "tokens_per_s", "ratio", "time_vs_floor")} | {"tokens": r["tokens"]}
+            for name, r in rounds[0].items()}
+    results.update(runs=runs, rounds=rounds)
+    fl = rounds[0]["floor"]
     print(json.dumps(results["env"]))
-    print(f"{args.samples} conversations, {base['tokens'] / args.samples:.0f} tokens each on average")
-    print(f"floor: render {fl['render_s']:.2f} s + encode_batch {fl['encode_batch_s']:.2f} s on "
+    print(f"{args.samples} conversations, {runs['chat_template_ids']['tokens'] / args.samples:.0f} tokens each on "
+          f"average; medians of {len(rounds)} round(s)")
+    print(f"floor, first round: render {fl['render_s']:.2f} s + encode_batch {fl['encode_batch_s']:.2f} s on "
           f"{fl['encode_threads']} threads + write {fl['write_s']:.2f} s")
-    print(f"{'method':32} {'seconds':>8} {'tokens/s':>10} {'vs chat_template_ids':>21} {'time vs floor':>14}")
+    print(f"{'method':32} {'seconds':>8} {'tokens/s':>10} {'vs chat_template_ids':>21} {'time vs floor':>14}  "
+          "each round: seconds (time vs floor)")
     for name, r in runs.items():
-        r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        r["ratio"] = r["tokens_per_s"] / (base["tokens"] / base["seconds"])
-        r["time_vs_floor"] = r["seconds"] / fl["seconds"]
+        each = ", ".join(f"{rnd[name]['seconds']:.2f} ({rnd[name]['time_vs_floor']:.2f}x)" for rnd in rounds)
         print(f"{name:32} {r['seconds']:8.2f} {r['tokens_per_s']:10.0f} {r['ratio']:20.2f}x "
-              f"{r['time_vs_floor']:13.2f}x")
+              f"{r['time_vs_floor']:13.2f}x  {each}")
     if "data_process" in runs:
-        dp = runs["data_process"]
-        print(f"data_process kept {dp['samples']} samples; tokenize_data.py has the same input_ids and labels for "
-              f"{dp['identical_to_tokenize_data']} of them")
+        dp = [rnd["data_process"] for rnd in rounds]
+        print(f"data_process kept {dp[0]['samples']} samples; tokenize_data.py has the same input_ids and labels for "
+              f"{min(d['identical_to_tokenize_data'] for d in dp)} of them")
     for name, why in results["skipped"].items():
         print(f"{name:32} skipped: {why}")
     print(f"saved {save_result('tokenize', results, args.json)}")

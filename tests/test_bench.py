@@ -29,30 +29,36 @@ def test_sampler_bench_plans_every_sample_and_beats_padding(tmp_path):
 
 
 def test_tokenize_bench_counts_the_same_tokens_in_every_method(tmp_path, embedded_dir):
-    # one tokenize_data.py run: each is a process of its own, whose start-up is most of its time at this size
+    # two rounds of one tokenize_data.py run each: a process of its own, whose start-up is most of its time here
     out = run_bench("tokenize.py", "--samples", "60", "--median-words", "30", "--model-path", embedded_dir,
-                    "--num-proc", "2", "--json", str(tmp_path / "t.json"))
+                    "--num-proc", "2", "--repeats", "2", "--json", str(tmp_path / "t.json"))
     result = json.loads((tmp_path / "t.json").read_text())
-    runs, skipped = result["runs"], result["skipped"]
+    runs, rounds, skipped = result["runs"], result["rounds"], result["skipped"]
     # data_process runs where instructlab.training imports; elsewhere it is skipped with the import's error
     assert ("data_process" in runs) != ("data_process" in skipped)
     if "data_process" in skipped:
         assert re.search(rf"^data_process +skipped: {re.escape(skipped['data_process'])}$", out, re.M)
+    assert len(rounds) == 2 and all(set(rnd) == set(runs) for rnd in rounds)
     assert set(runs) - {"data_process"} == {"floor", "tokenize_data num_proc=2", "chat_template_ids",
                                             "chat_template_prefix"}
-    # the same conversations: tokenize_data.py's tokens are exactly the chat template's and the floor's
-    # (data_process drops samples under 20 tokens)
-    assert len({r["tokens"] for name, r in runs.items() if name != "data_process"}) == 1
-    floor = runs["floor"]
-    assert floor["seconds"] == pytest.approx(floor["render_s"] + floor["encode_batch_s"] + floor["write_s"])
-    assert min(floor["render_s"], floor["encode_batch_s"], floor["write_s"]) > 0
-    base = runs["chat_template_ids"]
-    for name, r in runs.items():  # each reported ratio is its own measurement over the baseline's, as printed
-        assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
-        assert r["ratio"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"])
-        assert r["time_vs_floor"] == pytest.approx(r["seconds"] / floor["seconds"])
+    for rnd in rounds:
+        # the same conversations: tokenize_data.py's tokens are exactly the chat template's and the floor's
+        # (data_process drops samples under 20 tokens)
+        assert len({r["tokens"] for name, r in rnd.items() if name != "data_process"}) == 1
+        floor = rnd["floor"]
+        assert floor["seconds"] == pytest.approx(floor["render_s"] + floor["encode_batch_s"] + floor["write_s"])
+        assert min(floor["render_s"], floor["encode_batch_s"], floor["write_s"]) > 0
+        base = rnd["chat_template_ids"]
+        for r in rnd.values():  # each ratio is the round's own measurement over the round's baseline
+            assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+            assert r["ratio"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"])
+            assert r["time_vs_floor"] == pytest.approx(r["seconds"] / floor["seconds"])
+    for name, r in runs.items():  # the medians of two rounds (their means), each ratio the rounds' own ratios'
+        for key in ("seconds", "tokens_per_s", "ratio", "time_vs_floor"):
+            assert r[key] == pytest.approx(sum(rnd[name][key] for rnd in rounds) / 2, rel=1e-12)
+        each = ", ".join(f"{rnd[name]['seconds']:.2f} \\({rnd[name]['time_vs_floor']:.2f}x\\)" for rnd in rounds)
         line = (rf"^{re.escape(name)} +{r['seconds']:.2f} +{r['tokens_per_s']:.0f} +{r['ratio']:.2f}x "
-                rf"+{r['time_vs_floor']:.2f}x$")
+                rf"+{r['time_vs_floor']:.2f}x  {each}$")
         assert re.search(line, out, re.M), name
 
 
