@@ -10,7 +10,9 @@ run:
   tokenize_data num_proc=N  tokenize_data.py as users run it, in its own process and timed end to end: imports,
                             tokenizer load and worker start included (JSON validation, loss masks, files on disk)
   floor                     what no tokenizer of these conversations avoids: render each with the chat template,
-                            the Rust tokenizer's encode_batch of the texts on every core, the ids written with numpy
+                            the Rust tokenizer's encode_batch of the texts on every core, the ids written with numpy;
+                            and, timed apart, the start-up of a process that does it (interpreter, import
+                            transformers, tokenizer load), against which tokenize_data.py is printed too
   chat_template_ids         apply_chat_template(messages, tokenize=True) per sample: token ids only, no loss mask
   chat_template_prefix      the same plus the usual prefix trick for the loss mask (render up to each assistant turn)
   data_process              instructlab.training's data_process CLI, where --data-process-python (default: this
@@ -150,6 +152,10 @@ def measure_round(tok, rows: list[dict], src: Path, model_path: str, work: Path,
     """Every method once on the same conversations, in the order of the table; data_process where it imports."""
     work.mkdir()
     runs = {"floor": floor(tok, rows, work / "floor")}
+    # what any process that renders with transformers pays before its first conversation: the interpreter,
+    # `import transformers`, the tokenizer load (as tokenize_data.py loads it)
+    runs["floor"]["start_up_s"] = run_timed([sys.executable, "-c", "import sys; from tokenize_data import "
+                                             "load_tokenizer; load_tokenizer(sys.argv[1])", model_path])
     for n in args.num_proc:
         runs[f"tokenize_data num_proc={n}"] = tokenize_data_cli(src, model_path, work / f"out{n}", n)
     for name, fn in (("chat_template_ids", chat_template_ids), ("chat_template_prefix", chat_template_prefix)):
@@ -213,6 +219,13 @@ def main():
         each = ", ".join(f"{rnd[name]['seconds']:.2f} ({rnd[name]['time_vs_floor']:.2f}x)" for rnd in rounds)
         print(f"{name:32} {r['seconds']:8.2f} {r['tokens_per_s']:10.0f} {r['ratio']:20.2f}x "
               f"{r['time_vs_floor']:13.2f}x  {each}")
+    start_up = float(np.median([rnd["floor"]["start_up_s"] for rnd in rounds]))
+    for name in (n for n in runs if n.startswith("tokenize_data")):
+        vs = float(np.median([rnd[name]["seconds"] / (rnd["floor"]["seconds"] + rnd["floor"]["start_up_s"])
+                              for rnd in rounds]))
+        runs[name]["time_vs_floor_and_start_up"] = vs
+        print(f"{name} against the floor plus a process's start-up (interpreter, import transformers, tokenizer "
+              f"load: {start_up:.2f} s): {vs:.2f}x")
     if "data_process" in runs:
         dp = [rnd["data_process"] for rnd in rounds]
         print(f"data_process kept {dp[0]['samples']} samples; tokenize_data.py has the same input_ids and labels for "

@@ -47,7 +47,7 @@ def test_tokenize_bench_counts_the_same_tokens_in_every_method(tmp_path, embedde
         assert len({r["tokens"] for name, r in rnd.items() if name != "data_process"}) == 1
         floor = rnd["floor"]
         assert floor["seconds"] == pytest.approx(floor["render_s"] + floor["encode_batch_s"] + floor["write_s"])
-        assert min(floor["render_s"], floor["encode_batch_s"], floor["write_s"]) > 0
+        assert min(floor["render_s"], floor["encode_batch_s"], floor["write_s"], floor["start_up_s"]) > 0
         base = rnd["chat_template_ids"]
         for r in rnd.values():  # each ratio is the round's own measurement over the round's baseline
             assert r["seconds"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
@@ -60,6 +60,14 @@ def test_tokenize_bench_counts_the_same_tokens_in_every_method(tmp_path, embedde
         line = (rf"^{re.escape(name)} +{r['seconds']:.2f} +{r['tokens_per_s']:.0f} +{r['ratio']:.2f}x "
                 rf"+{r['time_vs_floor']:.2f}x  {each}$")
         assert re.search(line, out, re.M), name
+    # tokenize_data.py against the floor plus the start-up of a process that tokenizes, each round's own ratio
+    ours = runs["tokenize_data num_proc=2"]
+    assert ours["time_vs_floor_and_start_up"] == pytest.approx(sum(
+        rnd["tokenize_data num_proc=2"]["seconds"] / (rnd["floor"]["seconds"] + rnd["floor"]["start_up_s"])
+        for rnd in rounds) / 2, rel=1e-12)
+    start_up = sum(rnd["floor"]["start_up_s"] for rnd in rounds) / 2
+    assert re.search(rf"^tokenize_data num_proc=2 against the floor plus .*: {start_up:.2f} s\): "
+                     rf"{ours['time_vs_floor_and_start_up']:.2f}x$", out, re.M)
 
 
 @pytest.mark.slow
