@@ -204,7 +204,8 @@ def optimizer_step_seconds(model, fused: bool, repeats: int = 3) -> float:
 def in_fresh_process(fn, args: tuple, allocator=False):
     """fn(*args) in a new interpreter, as a peer trainer runs for its users: glibc's allocator at its defaults
     (this process has train.py's setting, hardware.keep_freed_memory), unless `allocator` asks for that too. An
-    executor, not a Pool: its worker exits on its own, so the Trainer's semaphores are released, not reported leaked."""
+    executor, not a Pool: its worker exits on its own instead of being killed, so semaphores its work left open are
+    released then, not reported as leaked when the bench exits."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                              initializer=hardware.keep_freed_memory if allocator else None) as pool:
         return pool.submit(fn, *args).result()
