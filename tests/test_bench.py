@@ -124,6 +124,14 @@ def test_train_throughput_bench_agrees_with_train_py_metrics(tmp_path, tiny_mode
         assert re.search(line, out, re.M), name
 
 
+@pytest.mark.parametrize("script", ["tokenize.py", "train_throughput.py"])
+def test_a_bench_refuses_zero_rounds_in_one_line(script):
+    r = subprocess.run([sys.executable, f"bench/{script}", "--repeats", "0"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr  # imports may warn first; the error is one line
+    assert r.stderr.splitlines()[-1] == "error: --repeats: 0; give 1 or more rounds"
+
+
 def test_packing_leak_check_tells_a_leaking_packer_from_one_that_keeps_samples_apart(tiny_model_dir):
     """The bench's verdict on a peer's packing: a row concatenated without restarting position ids lets the second
     sample attend to the first; DataCollatorWithFlattening's position ids keep them apart."""
